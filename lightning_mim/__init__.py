@@ -1,0 +1,2 @@
+"""Masked image modeling for Vision Transformers on PyTorch Lightning."""
+__version__ = "0.1.0"
