@@ -1,0 +1,252 @@
+"""The one ViT every method shares: timm's VisionTransformer plus what masked image modeling needs.
+
+The encoder's state dict uses timm's key names unchanged, so it loads with `strict=True` into
+`timm.create_model("vit_<size>_patch<p>_<res>", num_classes=0)` (see `timm_model_name`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from lightning_mim.backbone.pos_embed import sincos_2d
+
+# width, depth, heads; mlp_ratio 4 everywhere (timm / MAE sizes; "micro" is for tests and CPU demos)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "micro": (128, 4, 4),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+@dataclass
+class BackboneConfig:
+    """Everything that defines the shared ViT encoder.
+
+    size: one of `VIT_SIZES`. pos_embed: "sincos" (fixed 2-D sin-cos, MAE) or "learned" (trainable, timm init).
+    init: "mae" (xavier-uniform on every Linear and the flattened patch projection, N(0, .02) tokens) or "timm".
+    """
+
+    size: str = "base"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    class_token: bool = True
+    init: Literal["mae", "timm"] = "mae"
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.size not in VIT_SIZES:
+            raise ValueError(f"unknown backbone size {self.size!r}: choose one of {sorted(VIT_SIZES)}")
+        if self.patch_size <= 0 or self.img_size % self.patch_size:
+            raise ValueError(
+                f"image size {self.img_size} is not divisible by patch size {self.patch_size}: "
+                f"pick an image size that is a multiple of {self.patch_size} (e.g. "
+                f"{max(self.patch_size, self.img_size // self.patch_size * self.patch_size)}) or another patch size"
+            )
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}: choose 'sincos' or 'learned'")
+        if self.init not in ("mae", "timm"):
+            raise ValueError(f"unknown init {self.init!r}: choose 'mae' or 'timm'")
+
+    @classmethod
+    def coerce(cls, value: "BackboneConfig | dict[str, Any]") -> "BackboneConfig":
+        return value if isinstance(value, cls) else cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def width(self) -> int:
+        return VIT_SIZES[self.size][0]
+
+    def timm_kwargs_full(self) -> dict[str, Any]:
+        """Keyword arguments that build the same encoder with `timm.models.vision_transformer.VisionTransformer`."""
+        width, depth, heads = VIT_SIZES[self.size]
+        return dict(
+            img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans, num_classes=0,
+            global_pool="", embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
+            class_token=self.class_token, drop_path_rate=self.drop_path_rate, **self.timm_kwargs,
+        )
+
+
+def timm_model_name(config: BackboneConfig) -> str | None:
+    """timm registry name of the same architecture (None for "micro", which timm does not register)."""
+    if config.size == "micro":
+        return None
+    return f"vit_{config.size}_patch{config.patch_size}_{config.img_size}"
+
+
+class MIMViT(VisionTransformer):
+    """timm ViT encoder (no classifier) with masked forwards.
+
+    Token layout: `num_prefix_tokens` prefix tokens (cls) followed by the patch tokens in raster order.
+    Masks are (B, L) with 1 = removed / replaced, 0 = visible.
+    """
+
+    def __init__(self, config: BackboneConfig | dict[str, Any] | None = None) -> None:
+        config = BackboneConfig.coerce(config or {})
+        super().__init__(**config.timm_kwargs_full())
+        self.config = config
+        if config.pos_embed == "sincos":
+            grid_h, grid_w = self.patch_embed.grid_size
+            table = sincos_2d(self.embed_dim, grid_h, grid_w, cls_token=self.num_prefix_tokens > 0)
+            self.pos_embed.data.copy_(table[None])
+            self.pos_embed.requires_grad_(False)
+        if config.init == "mae":
+            init_mae_weights(self)
+        self.set_grad_checkpointing(config.grad_checkpointing)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, p*p*C); each patch flattened in (row p, col q, channel c) order."""
+        return patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """Inverse of `patchify`: (B, L, p*p*C) -> (B, C, H, W)."""
+        return unpatchify(patches, self.patch_size, self.grid_size, self.config.in_chans)
+
+    def _check_input(self, images: torch.Tensor) -> None:
+        expected = (self.config.in_chans, self.config.img_size, self.config.img_size)
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"backbone expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) but got "
+                f"{tuple(images.shape)}: set backbone.img_size / in_chans to match the data, or resize the data"
+            )
+
+    def embed_patches(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                      mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with their position embeddings, (B, L, D).
+
+        With `mask` and `mask_token` (1, 1, D), removed patches are replaced by the mask token *before* the position
+        embedding is added (SimMIM / BEiT style).
+        """
+        self._check_input(images)
+        tokens = self.patch_embed(images)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("embed_patches: a mask was given without a mask_token")
+            weight = mask.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1.0 - weight) + mask_token.to(tokens.dtype) * weight
+        return tokens + self.pos_embed[:, self.num_prefix_tokens:]
+
+    def prepend_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prepend the cls token (with its own position embedding, zero for sin-cos)."""
+        if not self.num_prefix_tokens:
+            return tokens
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1)
+
+    def forward_tokens(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the transformer blocks and the final norm on a prepared sequence.
+
+        `attn_mask` follows `F.scaled_dot_product_attention`: bool with True = may attend, or an additive float
+        mask; shape broadcastable to (B, heads, N, N).
+        """
+        tokens = self.norm_pre(tokens)
+        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpoint:
+                tokens = checkpoint(block, tokens, attn_mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, attn_mask=attn_mask)
+        return self.norm(tokens)
+
+    def forward_kept(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """MAE encoder: encode only the patches at `keep_idx` (B, K), in that order. Returns (B, prefix + K, D)."""
+        tokens = self.embed_patches(images)
+        kept = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        return self.forward_tokens(self.prepend_prefix(kept))
+
+    def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """SimMIM / BEiT encoder: every patch, removed ones replaced by `mask_token`. Returns (B, prefix + L, D)."""
+        tokens = self.embed_patches(images, mask, mask_token)
+        return self.forward_tokens(self.prepend_prefix(tokens), attn_mask)
+
+    def forward_full(self, images: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All patches, no masking. Returns (B, prefix + L, D) after the final norm."""
+        return self.forward_tokens(self.prepend_prefix(self.embed_patches(images)), attn_mask)
+
+    def pooled_features(self, images: torch.Tensor, pool: Literal["avg", "cls"] = "avg") -> torch.Tensor:
+        """(B, D) features for probing: mean of the patch tokens or the cls token, after the final norm."""
+        tokens = self.forward_full(images)
+        if pool == "cls":
+            if not self.num_prefix_tokens:
+                raise ValueError("pool='cls' needs a backbone with class_token=True")
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    batch, channels, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image of size {height}x{width} is not divisible by patch size {patch_size}")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    patches = torch.einsum("nchpwq->nhwpqc", patches)
+    return patches.reshape(batch, grid_h * grid_w, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int], channels: int) -> torch.Tensor:
+    grid_h, grid_w = grid_size
+    batch = patches.shape[0]
+    images = patches.reshape(batch, grid_h, grid_w, patch_size, patch_size, channels)
+    images = torch.einsum("nhwpqc->nchpwq", images)
+    return images.reshape(batch, channels, grid_h * patch_size, grid_w * patch_size)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform on every Linear (fused qkv as one matrix), zero biases, LayerNorm (1, 0),
+    the patch projection xavier-uniform on its flattened (D, C*p*p) view, and N(0, .02) for the cls token."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            if sub.weight is not None:
+                nn.init.ones_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+    patch_embed = getattr(module, "patch_embed", None)
+    if patch_embed is not None:
+        weight = patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))
+        if patch_embed.proj.bias is not None:
+            nn.init.zeros_(patch_embed.proj.bias)
+    cls_token = getattr(module, "cls_token", None)
+    if cls_token is not None:
+        nn.init.normal_(cls_token, std=0.02)
+
+
+def build_backbone(config: BackboneConfig | dict[str, Any] | None = None, **overrides: Any) -> MIMViT:
+    """Build the shared encoder from a config (dict or dataclass) with keyword overrides."""
+    base = BackboneConfig.coerce(config or {}).to_dict()
+    base.update(overrides)
+    return MIMViT(BackboneConfig(**base))
+
+
+__all__ = ["VIT_SIZES", "BackboneConfig", "MIMViT", "build_backbone", "init_mae_weights", "patchify", "unpatchify",
+           "timm_model_name"]

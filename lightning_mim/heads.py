@@ -1,0 +1,52 @@
+"""Decoders and heads that predict targets from encoder tokens."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+from lightning_mim.backbone.pos_embed import sincos_2d
+from lightning_mim.backbone.vit import init_mae_weights
+
+
+class MAEDecoder(nn.Module):
+    """MAE's lightweight decoder: embed the visible tokens, append mask tokens, unshuffle, add fixed sin-cos
+    positions, run transformer blocks and predict `out_dim` values per patch.
+
+    Input: encoder output (B, prefix + K, D_enc) with patch tokens in shuffled order, and `restore_idx` (B, L).
+    Output: (B, L, out_dim) in raster order (prefix outputs dropped).
+    """
+
+    def __init__(self, encoder_dim: int, grid_size: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_patches = grid_size[0] * grid_size[1]
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        table = sincos_2d(dim, *grid_size, cls_token=False)
+        if num_prefix_tokens:
+            table = torch.cat([torch.zeros(num_prefix_tokens, dim), table])
+        self.register_buffer("pos_embed", table[None], persistent=False)
+        self.blocks = nn.ModuleList(
+            [Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+             for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, out_dim)
+        init_mae_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, restore_idx: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(latent)
+        prefix, visible = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+        num_missing = self.num_patches - visible.shape[1]
+        filler = self.mask_token.to(visible.dtype).expand(visible.shape[0], num_missing, -1)
+        shuffled = torch.cat([visible, filler], dim=1)
+        patches = torch.gather(shuffled, 1, restore_idx.unsqueeze(-1).expand(-1, -1, shuffled.shape[-1]))
+        tokens = torch.cat([prefix, patches], dim=1) + self.pos_embed.to(patches.dtype)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.pred(self.norm(tokens))[:, self.num_prefix_tokens:]

@@ -1,0 +1,104 @@
+"""Mask generators. Every mask is (B, L) with 1 = removed and 0 = visible, over patches in raster order.
+
+Each generator accepts its random draw explicitly (`noise`, `generator`) so tests can feed known draws.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must lie in (0, 1), got {mask_ratio}: e.g. 0.75 for MAE, 0.6 for SimMIM")
+
+
+class RandomMask(NamedTuple):
+    """MAE random masking. `keep_idx` (B, K) lists visible patches in shuffled order; `restore_idx` (B, L) puts a
+    sequence in shuffled order back in raster order; `shuffle_idx` (B, L) is the full permutation."""
+
+    keep_idx: torch.Tensor
+    mask: torch.Tensor
+    restore_idx: torch.Tensor
+    shuffle_idx: torch.Tensor
+
+
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None = None,
+                   device: torch.device | str | None = None, generator: torch.Generator | None = None) -> RandomMask:
+    """Keep the `int(L * (1 - mask_ratio))` patches with the smallest noise (argsort of uniform noise, as in MAE)."""
+    check_mask_ratio(mask_ratio)
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    elif noise.shape != (batch_size, num_patches):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({batch_size}, {num_patches})")
+    num_keep = int(num_patches * (1 - mask_ratio))
+    shuffle_idx = torch.argsort(noise, dim=1)
+    restore_idx = torch.argsort(shuffle_idx, dim=1)
+    mask = torch.ones(batch_size, num_patches, device=noise.device)
+    mask[:, :num_keep] = 0
+    mask = torch.gather(mask, 1, restore_idx)
+    return RandomMask(shuffle_idx[:, :num_keep], mask, restore_idx, shuffle_idx)
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tokens (B, L, D), index (B, K) -> (B, K, D)."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def block_mask(grid_h: int, grid_w: int, num_masked: int, min_block: int = 16, max_block: int | None = None,
+               min_aspect: float = 0.3, max_aspect: float | None = None, exact: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """BEiT block-wise masking of one image, (grid_h * grid_w,) float with 1 = masked.
+
+    Rectangles of area U(min_block, remaining budget) and log-uniform aspect ratio are added, counting only new
+    patches, until `num_masked` is reached or ten draws in a row add nothing (BEiT then stops short). With
+    `exact=True` the shortfall is filled with random unmasked patches so that exactly `num_masked` are masked.
+    """
+    if not 0 < num_masked <= grid_h * grid_w:
+        raise ValueError(f"num_masked must be in [1, {grid_h * grid_w}], got {num_masked}")
+    max_block = num_masked if max_block is None else max_block
+    max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
+    log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    def randint(high: int) -> int:  # in [0, high]
+        return int(torch.randint(0, high + 1, (), generator=generator).item())
+
+    mask = torch.zeros(grid_h, grid_w)
+    count = 0
+    while count < num_masked:
+        budget = min(num_masked - count, max_block)
+        added = 0
+        for _ in range(10):
+            area = uniform(min_block, budget)
+            aspect = math.exp(uniform(*log_aspect))
+            height = int(round(math.sqrt(area * aspect)))
+            width = int(round(math.sqrt(area / aspect)))
+            if width < grid_w and height < grid_h:
+                top, left = randint(grid_h - height), randint(grid_w - width)
+                window = mask[top:top + height, left:left + width]
+                new = height * width - int(window.sum().item())
+                if 0 < new <= budget:
+                    window.fill_(1.0)
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    mask = mask.flatten()
+    if exact and count < num_masked:
+        free = torch.nonzero(mask == 0).flatten()
+        pick = free[torch.randperm(free.numel(), generator=generator)[: num_masked - count]]
+        mask[pick] = 1.0
+    return mask
+
+
+def block_masking(batch_size: int, grid_size: tuple[int, int], num_masked: int, exact: bool = False,
+                  generator: torch.Generator | None = None, **kwargs: float) -> torch.Tensor:
+    """Independent BEiT block masks for a batch, (B, L). Drawn on the CPU (it is a sequential loop)."""
+    return torch.stack([block_mask(*grid_size, num_masked, exact=exact, generator=generator, **kwargs)
+                        for _ in range(batch_size)])

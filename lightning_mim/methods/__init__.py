@@ -1,0 +1,5 @@
+"""One LightningModule per method."""
+from lightning_mim.methods.base import MIMMethod, OptimConfig
+from lightning_mim.methods.mae import MAE
+
+__all__ = ["MAE", "MIMMethod", "OptimConfig"]

@@ -1,0 +1,210 @@
+"""What every method shares: the backbone, the optimiser and its per-step schedule, the EMA-teacher helpers, and one
+set of TensorBoard tags (`train/loss`, `train/loss_<term>`, `train/lr`, `val/loss`, ...) so runs of different methods
+overlay."""
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, Callable, Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+from timm.optim import param_groups_weight_decay
+from torchvision.transforms import v2
+
+from lightning_mim.backbone import BackboneConfig, MIMViT
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a per-step linear warm-up and cosine decay.
+
+    The peak lr is `lr` when given, else `base_lr` scaled by the effective batch (per-device batch x devices x
+    nodes x gradient accumulation): `lr_scaling="linear"` gives base_lr * eff / lr_reference_batch (MAE, 256),
+    `"sqrt"` gives base_lr * sqrt(eff / lr_reference_batch) (LUT: reference 16 in pre-training, i.e. sqrt(eff)/4).
+    Warm-up is `warmup_steps` optimiser steps when given, else `warmup_epochs` epochs.
+    """
+
+    base_lr: float = 1.5e-4
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    lr_reference_batch: int = 256
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    no_weight_decay: tuple[str, ...] = ()
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_scaling not in ("linear", "sqrt", "none"):
+            raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}: choose 'linear', 'sqrt' or 'none'")
+        self.betas = tuple(self.betas)
+        self.no_weight_decay = tuple(self.no_weight_decay)
+
+    def peak_lr(self, effective_batch: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        if self.lr_scaling == "linear":
+            return self.base_lr * effective_batch / self.lr_reference_batch
+        if self.lr_scaling == "sqrt":
+            return self.base_lr * math.sqrt(effective_batch / self.lr_reference_batch)
+        return self.base_lr
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then half-cosine from `peak` to `final` at `total_steps`."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """Teacher momentum, cosine from `base` at step 0 to `final` at `total_steps` (BYOL / DINO / LUT)."""
+    return final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """An exact copy of `student` with no gradients, kept in eval mode."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student over every state-dict entry, buffers included (BN running
+    statistics); integer buffers (`num_batches_tracked`) are EMA'd and truncated back to their integer type."""
+    student_state = student.state_dict()
+    for name, value in teacher.state_dict().items():
+        source = student_state[name].detach()
+        if value.is_floating_point():
+            value.mul_(momentum).add_(source.to(value.dtype), alpha=1.0 - momentum)
+        else:
+            value.copy_((momentum * value.double() + (1.0 - momentum) * source.double()).to(value.dtype))
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses / namespaces -> dicts, recursively, so hyper-parameters are YAML- and weights_only-safe."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_plain(asdict(value))
+    if hasattr(value, "as_dict"):
+        return to_plain(value.as_dict())
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item) for item in value)
+    return value
+
+
+class MIMMethod(L.LightningModule, abc.ABC):
+    """Base LightningModule. A method implements `compute_losses(views) -> dict[str, Tensor]` (unweighted terms) and
+    may override `train_transform`, `reconstruct` and `validation_views`. Total loss = sum of loss_weights[k] * term."""
+
+    default_loss_weights: dict[str, float] = {}
+
+    def __init__(self, backbone: BackboneConfig | dict | None = None, optim: OptimConfig | dict | None = None,
+                 loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.save_hyperparameters(to_plain(dict(self.hparams)))
+        self.backbone_config = BackboneConfig.coerce(backbone or {})
+        self.optim_config = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
+        self.loss_weights = {**self.default_loss_weights, **(loss_weights or {})}
+        self.feature_pool = feature_pool
+        self.backbone = MIMViT(self.backbone_config)
+        self.peak_lr: float | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone_config.img_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.backbone_config.in_chans
+
+    def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+        """One view: MAE's RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
+        return v2.Compose([
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(self.image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ])
+
+    @abc.abstractmethod
+    def compute_losses(self, views: Any) -> dict[str, torch.Tensor]:
+        """The method's unweighted loss terms for one training batch of views."""
+
+    def validation_views(self, images: torch.Tensor) -> Any:
+        """Turn an eval batch (one normalised view) into what `compute_losses` takes."""
+        return images
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.loss_weights.get(name, 1.0) * value for name, value in losses.items())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        views, _ = batch
+        losses = self.compute_losses(views)
+        total = self.weighted_total(losses)
+        batch_size = (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value, batch_size=batch_size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, _ = batch
+        losses = self.compute_losses(self.validation_views(images))
+        self.log("val/loss", self.weighted_total(losses), sync_dist=True, batch_size=images.shape[0])
+        for name, value in losses.items():
+            self.log(f"val/loss_{name}", value, sync_dist=True, batch_size=images.shape[0])
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pooled_features(images, self.feature_pool)
+
+    def effective_batch_size(self) -> int:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "batch_size"):
+            raise RuntimeError("the lr scaling rule needs the per-device batch size: train with a MIMDataModule "
+                               "or set optim.lr to an absolute value")
+        return datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def total_steps(self) -> int:
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    def warmup_steps(self) -> int:
+        if self.optim_config.warmup_steps is not None:
+            return self.optim_config.warmup_steps
+        steps_per_epoch = self.total_steps() / max(1, self.trainer.max_epochs or 1)
+        return int(round(self.optim_config.warmup_epochs * steps_per_epoch))
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """timm's rule: no decay for 1-D parameters and biases (and names in `no_weight_decay`); frozen skipped."""
+        return param_groups_weight_decay(self, self.optim_config.weight_decay,
+                                          no_weight_decay_list=self.optim_config.no_weight_decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optim_config
+        if config.lr is None:
+            self.peak_lr = config.peak_lr(self.effective_batch_size())
+        else:
+            self.peak_lr = config.lr
+        fused = config.fused if config.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.peak_lr, betas=config.betas, eps=config.eps,
+                                      fused=fused)
+        total, warmup, peak = self.total_steps(), self.warmup_steps(), self.peak_lr
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, peak, config.min_lr) / peak
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
