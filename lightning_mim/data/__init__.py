@@ -1,0 +1,8 @@
+"""Data: the MIMDataModule, its sources and the ImageFolder -> WebDataset shard writer."""
+from lightning_mim.data.datamodule import IMAGENET_MEAN, IMAGENET_STD, MIMDataModule
+from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, read_idx
+from lightning_mim.data.shards import write_shards
+from lightning_mim.data.sources import SkipCounter, SkippingImageFolder, SyntheticImages
+
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGENET_MEAN", "IMAGENET_STD", "MIMDataModule",
+           "SkipCounter", "SkippingImageFolder", "SyntheticImages", "load_fashion_mnist", "read_idx", "write_shards"]

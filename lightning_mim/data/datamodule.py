@@ -1,0 +1,331 @@
+"""MIMDataModule: the one LightningDataModule shared by every method, for four image sources."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, get_args
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import transforms
+
+from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
+from lightning_mim.data.sources import (
+    NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, expand_shards, read_classes,
+    seeded_subset, webdataset_pipeline,
+)
+
+Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_DEFAULT_STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "synthetic": ((0.5,), (0.5,)),
+    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
+    "webdataset": (IMAGENET_MEAN, IMAGENET_STD),
+}
+# Streams of the seeded subset draws, so the train, val and k-NN bank subsets are independent.
+_TRAIN, _VAL, _KNN = 0, 1, 2
+
+
+def _expand_stats(values: tuple[float, ...], in_chans: int, name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    if len(values) == 3 and in_chans == 1:
+        return (sum(values) / 3,)
+    raise ValueError(f"{name} has {len(values)} values; cannot expand it to {in_chans} channels")
+
+
+class MIMDataModule(L.LightningDataModule):
+    """Images for masked-image-modeling pre-training and their k-NN monitoring.
+
+    The method declares its views: `bind(image_size, in_chans, train_transform)` (called by `setup` from the
+    attached LightningModule's `image_size`, `in_chans` and `train_transform(mean, std)`). Every image is converted
+    to the model's channel mode ('L' or 'RGB') before any transform.
+
+    Loaders: `train_dataloader` yields (views, label) with the bound train transform (the eval transform when none
+    is bound); `val_dataloader` and `knn_bank_dataloader` yield (image, label) with the eval transform, the latter
+    from a fixed seeded subset of the train split.
+
+    Sources: `fashion_mnist` (idx files in `data_dir`, default /usr/share/datasets/fashion-mnist), `imagefolder`
+    (`data_dir/train/<class>/<image>` and `data_dir/val/...`), `webdataset` (tar shards `train_shards`,
+    `val_shards`; `train_samples` sets the epoch length), `synthetic` (generated, for tests).
+    """
+
+    def __init__(
+        self,
+        source: Source = "fashion_mnist",
+        data_dir: str | None = None,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        train_samples: int | None = None,
+        batch_size: int = 256,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        knn_bank_size: int | None = 10000,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        synthetic_size: int = 1024,
+        synthetic_image_size: int = 32,
+        synthetic_classes: int = 10,
+        seed: int = 0,
+        eval_resize_ratio: float = 0.875,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker)."""
+        super().__init__()
+        if source not in get_args(Source):
+            raise ValueError(f"unknown source {source!r}; choose one of {', '.join(get_args(Source))}")
+        if batch_size <= 0 or num_workers < 0:
+            raise ValueError(f"need batch_size > 0 and num_workers >= 0, got {batch_size} and {num_workers}")
+        if not 0.0 < eval_resize_ratio <= 1.0:
+            raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
+        self.save_hyperparameters()
+        self._image_size: int | None = None
+        self._in_chans: int | None = None
+        self._train_transform: Callable[[Image.Image], Any] | None = None
+        self._counter: SkipCounter | None = None
+        self._num_classes: int | None = None
+        self._train_set: Dataset | None = None
+        self._val_set: Dataset | None = None
+        self._knn_set: Dataset | None = None
+        self._train_urls: list[str] = []
+        self._val_urls: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ model binding
+    @property
+    def image_size(self) -> int:
+        """Bound image size, else the source's native size (28 Fashion-MNIST, synthetic_image_size, 224)."""
+        if self._image_size is not None:
+            return self._image_size
+        return self._native_size() or 224
+
+    @property
+    def in_chans(self) -> int:
+        """Bound channel count, else 1 for Fashion-MNIST and 3 for the other sources."""
+        if self._in_chans is not None:
+            return self._in_chans
+        return 1 if self.hparams.source == "fashion_mnist" else 3
+
+    def bind(self, image_size: int, in_chans: int,
+             train_transform: Callable[[Image.Image], Any] | None = None) -> None:
+        """Store what the data needs from the model: input size, channel count and the training views."""
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self._image_size, self._in_chans, self._train_transform = int(image_size), int(in_chans), train_transform
+
+    def mean_for(self, in_chans: int) -> tuple[float, ...]:
+        """Normalisation mean for a model with in_chans channels."""
+        mean = self.hparams.mean or _DEFAULT_STATS[self.hparams.source][0]
+        return _expand_stats(mean, in_chans, "mean")
+
+    def std_for(self, in_chans: int) -> tuple[float, ...]:
+        """Normalisation std for a model with in_chans channels."""
+        std = self.hparams.std or _DEFAULT_STATS[self.hparams.source][1]
+        return _expand_stats(std, in_chans, "std")
+
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> normalised tensor at the model's size and channel count.
+
+        imagefolder/webdataset: resize the shorter side to image_size / eval_resize_ratio, then centre-crop;
+        fashion_mnist/synthetic: resize only when the model's size differs from the native one.
+        """
+        size = self.image_size
+        steps: list[Callable] = [ToMode(self._mode)]
+        if self.hparams.source in ("imagefolder", "webdataset"):
+            steps += [transforms.Resize(int(size / self.hparams.eval_resize_ratio),
+                                        interpolation=transforms.InterpolationMode.BICUBIC),
+                      transforms.CenterCrop(size)]
+        elif size != self._native_size():
+            steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
+        steps += [transforms.ToTensor(),
+                  transforms.Normalize(self.mean_for(self.in_chans), self.std_for(self.in_chans))]
+        return transforms.Compose(steps)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Bind to the attached LightningModule if it declares its views, and build the datasets (once)."""
+        self._bind_from_trainer()
+        if self._counter is None:
+            self._counter = SkipCounter()
+        if self._num_classes is not None:
+            return
+        hp = self.hparams
+        if hp.source == "webdataset":
+            self._setup_webdataset()
+            return
+        if hp.source == "fashion_mnist":
+            data_dir = hp.data_dir or default_fashion_mnist_dir()
+            train_raw: Dataset = ArrayImages(*load_fashion_mnist(data_dir, "train"))
+            val_raw: Dataset = ArrayImages(*load_fashion_mnist(data_dir, "test"))
+            num_classes = len(FASHION_MNIST_CLASSES)
+        elif hp.source == "imagefolder":
+            train_raw = build_imagefolder(hp.data_dir, "train", self._counter)
+            val_raw = build_imagefolder(hp.data_dir, "val", self._counter)
+            if train_raw.classes != val_raw.classes:
+                raise ValueError(f"{hp.data_dir}: train/ and val/ have different class folders "
+                                 f"({len(train_raw.classes)} vs {len(val_raw.classes)})")
+            num_classes = len(train_raw.classes)
+        else:
+            args = (hp.synthetic_image_size, hp.synthetic_classes, hp.seed)
+            train_raw = SyntheticImages(hp.synthetic_size, *args, stream=_TRAIN)
+            val_raw = SyntheticImages(max(hp.synthetic_size // 4, 1), *args, stream=_VAL)
+            num_classes = hp.synthetic_classes
+        self._train_set = seeded_subset(train_raw, hp.train_subset, hp.seed, _TRAIN)
+        self._val_set = seeded_subset(val_raw, hp.val_subset, hp.seed, _VAL)
+        self._knn_set = seeded_subset(train_raw, hp.knn_bank_size, hp.seed, _KNN)
+        self._num_classes = num_classes
+
+    def _setup_webdataset(self) -> None:
+        hp = self.hparams
+        if not hp.train_shards or hp.train_samples is None:
+            raise ValueError("source 'webdataset' needs --data.train_shards PATTERN (e.g. "
+                             "/data/in1k/train-{000000..001023}.tar) and --data.train_samples N (the number of "
+                             "training samples; it sets the epoch length)")
+        if hp.train_samples <= 0:
+            raise ValueError(f"train_samples must be positive, got {hp.train_samples}")
+        if hp.train_subset is not None:
+            raise ValueError("train_subset is not supported for source 'webdataset' (training shards are "
+                             "resampled); lower train_samples to shorten the epoch")
+        self._train_urls = expand_shards(hp.train_shards)
+        self._val_urls = expand_shards(hp.val_shards) if hp.val_shards else []
+        classes = read_classes(self._train_urls) or read_classes(self._val_urls)
+        # -1 marks "set up, class count unknown" (shards without the writer's classes.json).
+        self._num_classes = len(classes) if classes else -1
+
+    def _bind_from_trainer(self) -> None:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        make_views = getattr(module, "train_transform", None)
+        size, chans = getattr(module, "image_size", None), getattr(module, "in_chans", None)
+        if callable(make_views) and isinstance(size, int) and isinstance(chans, int):
+            self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
+
+    # ------------------------------------------------------------------------------------------- properties
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the source (after setup)."""
+        self._require_setup()
+        if self._num_classes < 0:
+            raise RuntimeError(f"class count unknown: no classes.json next to {self.hparams.train_shards} "
+                               f"(`lightning-mim make-shards` writes one)")
+        return self._num_classes
+
+    @property
+    def train_dataset_size(self) -> int:
+        """Training samples per epoch over all ranks (after setup)."""
+        self._require_setup()
+        if self.hparams.source == "webdataset":
+            return int(self.hparams.train_samples)
+        return len(self._train_set)
+
+    @property
+    def batch_size(self) -> int:
+        """Per-device batch size."""
+        return int(self.hparams.batch_size)
+
+    @property
+    def skipped_samples(self) -> int:
+        """Unreadable images/samples/shards skipped so far by this process (this rank) and its loader workers."""
+        return self._counter.value if self._counter is not None else 0
+
+    # -------------------------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> Iterable[Any]:
+        """(views, label) batches; under DDP every rank yields the same number of batches."""
+        self._require_setup()
+        hp = self.hparams
+        transform = self.eval_transform() if self._train_transform is None else transforms.Compose(
+            [ToMode(self._mode), self._train_transform])
+        rank, world = self._rank_world()
+        if hp.source == "webdataset":
+            batches = hp.train_samples // (hp.batch_size * world)
+            if batches == 0:
+                raise ValueError(f"train_samples={hp.train_samples} is less than one batch of {hp.batch_size} "
+                                 f"on each of {world} ranks")
+            # Each rank and worker draws shards with replacement from its own randomly seeded stream (webdataset
+            # seeds it from pid, time and urandom), so no split by rank is needed; the stream never runs out, so
+            # with_epoch cuts exactly `batches` batches on every rank.
+            pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
+                                           node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
+                                           batch_size=hp.batch_size)
+            loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
+            return loader.with_epoch(batches).with_length(batches, silent=True)
+        if hp.drop_last and len(self._train_set) < hp.batch_size * world:
+            raise ValueError(f"{len(self._train_set)} training samples give no full batch of {hp.batch_size} on "
+                             f"each of {world} ranks; lower batch_size or set drop_last=False")
+        return DataLoader(Transformed(self._train_set, transform), batch_size=hp.batch_size, shuffle=True,
+                          drop_last=hp.drop_last, **self._loader_kwargs())
+
+    def val_dataloader(self) -> Iterable[Any]:
+        """(image, label) batches of the validation split with the eval transform.
+
+        webdataset: each rank reads its share of `val_shards` once, and with val_subset only the first
+        ceil(val_subset / world_size) of its samples; ranks may get different batch counts. Without val_shards
+        there is no validation (an empty list).
+        """
+        self._require_setup()
+        hp = self.hparams
+        if hp.source == "webdataset":
+            if not self._val_urls:
+                return []
+            rank, world = self._rank_world()
+            limit = None if hp.val_subset is None else -(-hp.val_subset // world)
+            return self._shard_eval_loader(self._val_urls, NodeSplitter(rank, world), limit)
+        return DataLoader(Transformed(self._val_set, self.eval_transform()), batch_size=hp.batch_size,
+                          shuffle=False, drop_last=False, **self._loader_kwargs())
+
+    def knn_bank_dataloader(self) -> Iterable[Any]:
+        """(image, label) batches of the labelled k-NN bank: a fixed subset of the train split, eval transform.
+
+        Every rank gets the whole bank. webdataset: the first knn_bank_size samples of the train shards in order.
+        """
+        self._require_setup()
+        hp = self.hparams
+        if hp.source == "webdataset":
+            return self._shard_eval_loader(self._train_urls, None, hp.knn_bank_size)
+        return DataLoader(Transformed(self._knn_set, self.eval_transform()), batch_size=hp.batch_size,
+                          shuffle=False, drop_last=False, **self._loader_kwargs())
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _shard_eval_loader(self, urls: list[str], node_splitter: NodeSplitter | None,
+                           limit: int | None) -> Iterable[Any]:
+        """Read shards once in order with the eval transform, keeping at most `limit` samples."""
+        bs = self.hparams.batch_size
+        pipeline = webdataset_pipeline(urls, self.eval_transform(), self._counter, resampled=False,
+                                       node_splitter=node_splitter, batch_size=bs, partial_batches=True)
+        loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
+        if limit is None:
+            return loader
+        return loader.unbatched().slice(limit).batched(bs, collation_fn=default_collate, partial=True)
+
+    @property
+    def _mode(self) -> str:
+        return "L" if self.in_chans == 1 else "RGB"
+
+    def _native_size(self) -> int | None:
+        return {"fashion_mnist": 28, "synthetic": self.hparams.synthetic_image_size}.get(self.hparams.source)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.hparams.num_workers
+        return {"num_workers": workers,
+                "pin_memory": self.hparams.pin_memory and torch.cuda.is_available(),
+                "persistent_workers": self.hparams.persistent_workers and workers > 0}
+
+    def _require_setup(self) -> None:
+        if self._num_classes is None:
+            raise RuntimeError("MIMDataModule.setup() has not been called")

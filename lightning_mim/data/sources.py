@@ -1,0 +1,274 @@
+"""Dataset builders for the DataModule: ImageFolder (skipping unreadable files), WebDataset shards, synthetic images."""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset, default_collate
+from torchvision.datasets import ImageFolder
+from webdataset.shardlists import expand_urls
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+LOAD_ERRORS = (OSError, ValueError, UnidentifiedImageError)
+_MAX_ATTEMPTS = 32
+
+
+class SkipCounter:
+    """Count of skipped samples in shared memory, so that forked DataLoader workers add to the parent's count."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("q", 0)
+
+    def add(self, n: int = 1) -> None:
+        """Add n skipped samples."""
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def value(self) -> int:
+        """Skipped samples so far, over all processes that share this counter."""
+        return int(self._value.value)
+
+
+class ToMode:
+    """Convert a PIL image to a mode ('L' or 'RGB') if it is in another one."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
+class Transformed(Dataset):
+    """Apply a transform to the image of (image, label) samples of a map-style dataset."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Image.Image], Any]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def seeded_subset(dataset: Dataset, size: int | None, seed: int, stream: int) -> Dataset:
+    """A fixed random subset of `size` samples (sorted indices); the whole dataset when size is None or too large.
+
+    `stream` separates the draws of different subsets made from the same seed (train, val, k-NN bank).
+    """
+    if size is None or size >= len(dataset):
+        return dataset
+    if size <= 0:
+        raise ValueError(f"subset size must be positive, got {size}")
+    rng = np.random.default_rng([seed, stream])
+    indices = np.sort(rng.permutation(len(dataset))[:size])
+    return Subset(dataset, indices.tolist())
+
+
+# ----------------------------------------------------------------------------------------------------- ImageFolder
+
+class SkippingImageFolder(Dataset):
+    """torchvision ImageFolder whose unreadable images are skipped, counted and named in a warning.
+
+    A failing index returns the next readable sample (at most 32 tries), so the epoch keeps its length.
+    """
+
+    def __init__(self, root: str | os.PathLike, counter: SkipCounter) -> None:
+        self.folder = ImageFolder(str(root))
+        self.counter = counter
+
+    @property
+    def classes(self) -> list[str]:
+        """Class folder names, sorted; the label is the index in this list."""
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        n = len(self.folder.samples)
+        for attempt in range(_MAX_ATTEMPTS):
+            path, label = self.folder.samples[(index + attempt) % n]
+            try:
+                with Image.open(path) as image:
+                    return image.convert("RGB"), label
+            except LOAD_ERRORS as exc:
+                self.counter.add()
+                warnings.warn(f"skipped unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"{_MAX_ATTEMPTS} consecutive unreadable images from index {index} in "
+                           f"{self.folder.root}; the data set looks broken")
+
+
+def build_imagefolder(data_dir: str | None, split: str, counter: SkipCounter) -> SkippingImageFolder:
+    """ImageFolder on DATA_DIR/<split>, with errors that name the path and the expected layout."""
+    layout = f"DATA_DIR/{split}/<class>/<image> (e.g. DATA_DIR/{split}/n01440764/img_0001.jpg)"
+    if data_dir is None:
+        raise ValueError(f"source 'imagefolder' needs --data.data_dir DATA_DIR laid out as {layout}")
+    root = Path(data_dir) / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory; source 'imagefolder' expects {layout}")
+    if not any(entry.is_dir() for entry in root.iterdir()):
+        raise FileNotFoundError(f"{root} has no class sub-folders; source 'imagefolder' expects {layout}")
+    try:
+        return SkippingImageFolder(root, counter)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{root}: {exc}; source 'imagefolder' expects {layout}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------ synthetic
+
+class SyntheticImages(Dataset):
+    """Deterministic RGB images whose class sets the stripe orientation, frequency and colour; noise on top.
+
+    Image i depends only on (seed, stream, i), so it is generated on access and costs no memory.
+    The label of image i is i % num_classes.
+    """
+
+    def __init__(self, size: int, image_size: int, num_classes: int, seed: int, stream: int) -> None:
+        if size <= 0 or image_size <= 0 or num_classes <= 0:
+            raise ValueError(f"synthetic data needs positive sizes, got size={size}, "
+                             f"image_size={image_size}, num_classes={num_classes}")
+        self.size, self.image_size, self.num_classes = size, image_size, num_classes
+        self.seed, self.stream = seed, stream
+        grid = np.arange(image_size, dtype=np.float32) / image_size
+        self._yy, self._xx = np.meshgrid(grid, grid, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        label = index % self.num_classes
+        rng = np.random.default_rng([self.seed, self.stream, index])
+        angle = np.pi * label / self.num_classes
+        cycles = 2 + label % 3
+        along = np.cos(angle) * self._xx + np.sin(angle) * self._yy
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * cycles * along + rng.uniform(0, 2 * np.pi))
+        colour = 0.6 + 0.4 * np.cos(2 * np.pi * (label / self.num_classes + np.array([0.0, 1 / 3, 2 / 3])))
+        image = stripes[..., None] * colour + rng.normal(0.0, 0.1, (*stripes.shape, 3))
+        return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)), label
+
+
+# ---------------------------------------------------------------------------------------------------- WebDataset
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a shard pattern; local shards that do not exist are dropped with a warning.
+
+    Raises FileNotFoundError naming the pattern when it names local files and none exists.
+    """
+    urls = expand_urls(pattern)
+    missing = [url for url in urls if _is_local(url) and not os.path.isfile(_local_path(url))]
+    if len(missing) == len(urls):
+        raise FileNotFoundError(f"no shard file matches {pattern!r} (expanded to {len(urls)} paths, "
+                                f"e.g. {urls[0]}); write shards with `lightning-mim make-shards SRC OUT_PATTERN`")
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist (e.g. {missing[0]}); "
+                      f"reading the others", RuntimeWarning, stacklevel=2)
+    return [url for url in urls if url not in missing]
+
+
+def read_classes(urls: list[str]) -> list[str] | None:
+    """Class names from the classes.json that the shard writer puts next to local shards, if there is one."""
+    if not urls or not _is_local(urls[0]):
+        return None
+    path = Path(_local_path(urls[0])).parent / "classes.json"
+    if not path.is_file():
+        return None
+    return list(json.loads(path.read_text()))
+
+
+class NodeSplitter:
+    """Give rank r of a world of w every w-th shard starting at r (the rank is fixed when the loader is built)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src: Any) -> Any:
+        for i, item in enumerate(src):
+            if i % self.world_size == self.rank:
+                yield item
+
+
+class SkipHandler:
+    """WebDataset exception handler: warn naming the shard or sample, count, continue.
+
+    A truncated shard can count twice (its broken member, then the end of the archive).
+    """
+
+    def __init__(self, counter: SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, exc: Exception) -> bool:
+        self.counter.add()
+        warnings.warn(f"skipped an unreadable WebDataset sample or shard: {exc!r}", RuntimeWarning, stacklevel=2)
+        return True
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
+    """(image, label) from a raw WebDataset sample; errors name the shard and the sample key."""
+    where = f"{sample.get('__url__')} sample {sample.get('__key__')!r}"
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"{where}: no image (looked for {', '.join(IMAGE_KEYS)}; found {sorted(sample)})")
+    if "cls" not in sample:
+        raise ValueError(f"{where}: no 'cls' label")
+    try:
+        with Image.open(io.BytesIO(sample[key])) as image:
+            image = image.convert("RGB")
+        label = int(sample["cls"])
+    except LOAD_ERRORS as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    return image, label
+
+
+class ApplyToImage:
+    """Apply a transform to the image of an (image, label) pair."""
+
+    def __init__(self, transform: Callable[[Image.Image], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: tuple[Image.Image, int]) -> tuple[Any, int]:
+        return self.transform(sample[0]), sample[1]
+
+
+def webdataset_pipeline(urls: list[str], transform: Callable[[Image.Image], Any], counter: SkipCounter, *,
+                        resampled: bool, node_splitter: NodeSplitter | None, shuffle_buffer: int = 0,
+                        batch_size: int | None = None, partial_batches: bool = False) -> wds.WebDataset:
+    """Samples (transform(image), label) read from tar shards; unreadable shards and samples are skipped.
+
+    resampled=True draws shards with replacement forever (training: the epoch length is set by the loader);
+    otherwise each shard is read once in order. With batch_size, batches are formed in the workers (the last
+    incomplete one of each worker is kept only with partial_batches).
+    """
+    handler = SkipHandler(counter)
+    dataset = wds.WebDataset(urls, handler=handler, resampled=resampled, shardshuffle=False,
+                             nodesplitter=node_splitter, workersplitter=wds.split_by_worker, empty_check=False)
+    if shuffle_buffer > 0:
+        dataset = dataset.shuffle(shuffle_buffer)
+    dataset = dataset.map(decode_sample, handler=handler).map(ApplyToImage(transform))
+    if batch_size is not None:
+        dataset = dataset.batched(batch_size, collation_fn=default_collate, partial=partial_batches)
+    return dataset
