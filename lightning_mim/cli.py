@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import importlib
 import sys
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -37,6 +39,8 @@ EXTRA_COMMANDS = {
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> MIMCLI:
+    # called with explicit args from `demo` and tests while sys.argv holds other words: that is intended here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return MIMCLI(
         MIMMethod, MIMDataModule, subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
@@ -45,13 +49,12 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MIMCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module_name, _ = EXTRA_COMMANDS[argv[0]]
-        module = __import__(module_name, fromlist=["main"])
-        module.main(argv[1:])
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in EXTRA_COMMANDS:
+        module = importlib.import_module(EXTRA_COMMANDS[words[0]][0])
+        module.main(words[1:])
         return
-    if argv and argv[0] in ("-h", "--help"):
+    if words and words[0] in ("-h", "--help"):
         print("extra subcommands: " + "; ".join(f"{name}: {text}" for name, (_, text) in EXTRA_COMMANDS.items()))
     run_cli(argv)
 

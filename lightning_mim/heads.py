@@ -50,3 +50,15 @@ class MAEDecoder(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.pred(self.norm(tokens))[:, self.num_prefix_tokens:]
+
+
+class ProjectionMLP(nn.Sequential):
+    """BYOL-style MLP: Linear(in, hidden, no bias) -> BatchNorm1d -> ReLU -> Linear(hidden, out, no bias), with
+    xavier-uniform Linears (LUT's projector and predictor; 768 -> 4096 -> 768 has 6,299,648 parameters).
+
+    BatchNorm normalises over the batch it is called with, so call it once per view to keep per-view statistics."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=False))
+        init_mae_weights(self)

@@ -17,3 +17,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of 2 - 2 cos(prediction, target) (BYOL's normalised MSE), in [0, 4]; the target is
+    detached. prediction/target (N, D)."""
+    prediction = torch.nn.functional.normalize(prediction.float(), dim=-1)
+    target = torch.nn.functional.normalize(target.detach().float(), dim=-1)
+    return (2.0 - 2.0 * (prediction * target).sum(dim=-1)).mean()

@@ -102,3 +102,37 @@ def block_masking(batch_size: int, grid_size: tuple[int, int], num_masked: int, 
     """Independent BEiT block masks for a batch, (B, L). Drawn on the CPU (it is a sequential loop)."""
     return torch.stack([block_mask(*grid_size, num_masked, exact=exact, generator=generator, **kwargs)
                         for _ in range(batch_size)])
+
+
+class PairedMask(NamedTuple):
+    """LUT's two disjoint random masks from one permutation. View 1 keeps `keep_idx1` = shuffle[:, :K] and view 2
+    keeps `keep_idx2` = shuffle[:, K:2K]; `restore_idx` unshuffles view 1 (the only decoded view)."""
+
+    keep_idx1: torch.Tensor
+    keep_idx2: torch.Tensor
+    mask1: torch.Tensor
+    mask2: torch.Tensor
+    restore_idx: torch.Tensor
+    shuffle_idx: torch.Tensor
+
+
+def check_paired_mask_ratio(mask_ratio: float) -> None:
+    check_mask_ratio(mask_ratio)
+    if mask_ratio < 0.5:
+        raise ValueError(f"paired disjoint masking needs mask_ratio >= 0.5 so that the two views' kept sets (each "
+                         f"L * (1 - mask_ratio) patches) fit disjointly in the L patches; got {mask_ratio}")
+
+
+def paired_disjoint_masking(batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None = None,
+                            device: torch.device | str | None = None,
+                            generator: torch.Generator | None = None) -> PairedMask:
+    """Two masks from one noise draw whose kept sets (K = int(L * (1 - mask_ratio)) patches each) are disjoint.
+
+    View 1's mask is exactly `random_masking`'s for the same noise.
+    """
+    check_paired_mask_ratio(mask_ratio)
+    first = random_masking(batch_size, num_patches, mask_ratio, noise=noise, device=device, generator=generator)
+    num_keep = first.keep_idx.shape[1]
+    keep_idx2 = first.shuffle_idx[:, num_keep:2 * num_keep]
+    mask2 = torch.ones_like(first.mask).scatter_(1, keep_idx2, 0.0)
+    return PairedMask(first.keep_idx, keep_idx2, first.mask, mask2, first.restore_idx, first.shuffle_idx)

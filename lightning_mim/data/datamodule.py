@@ -284,6 +284,11 @@ class MIMDataModule(L.LightningDataModule):
         return DataLoader(Transformed(self._val_set, self.eval_transform()), batch_size=hp.batch_size,
                           shuffle=False, drop_last=False, **self._loader_kwargs())
 
+    @property
+    def val_split_by_rank(self) -> bool:
+        """True when `val_dataloader()` already gives each DDP rank only its own share (webdataset)."""
+        return self.hparams.source == "webdataset"
+
     def knn_bank_dataloader(self) -> Iterable[Any]:
         """(image, label) batches of the labelled k-NN bank: a fixed subset of the train split, eval transform.
 

@@ -1,0 +1,47 @@
+# lightning_mim: `make demo` and `make test` set up everything they need on a fresh Debian machine with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST_DEB_DIR := .data/fashion-mnist
+RUN ?= runs
+
+.PHONY: install data demo test tensorboard clean
+
+install: $(STAMP) data
+
+# One pip request with the exact pins, torch and torchvision together (see constraints.txt).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints.txt
+	touch $(STAMP)
+
+# Fashion-MNIST, the default data, from the Debian package dataset-fashion-mnist: installed system-wide when apt can
+# (root or password-less sudo), otherwise unpacked into .data/ without root.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || \
+	    [ -f $(FMNIST_DEB_DIR)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	elif command -v apt-get >/dev/null; then \
+	    mkdir -p $(FMNIST_DEB_DIR) && cd $(FMNIST_DEB_DIR) && apt-get download dataset-fashion-mnist >/dev/null && \
+	    dpkg-deb -x dataset-fashion-mnist_*.deb . ; \
+	else \
+	    echo "Fashion-MNIST not found. Install the Debian package: sudo apt-get install dataset-fashion-mnist"; \
+	    echo "or pass --data.data_dir DIR holding {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz"; \
+	fi
+
+demo: install
+	$(BIN)/lightning-mim demo
+
+test: install
+	$(BIN)/python -m pytest
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir $(RUN)
+
+clean:
+	rm -rf $(VENV) .data runs *.egg-info

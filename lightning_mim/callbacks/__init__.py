@@ -1,0 +1,7 @@
+"""Training callbacks: online k-NN accuracy, reconstruction images, throughput."""
+from lightning_mim.callbacks.knn_monitor import KNNMonitor
+from lightning_mim.callbacks.mode import ModeGuard
+from lightning_mim.callbacks.reconstruction import ReconstructionImages
+from lightning_mim.callbacks.throughput import Throughput
+
+__all__ = ["KNNMonitor", "ModeGuard", "ReconstructionImages", "Throughput"]

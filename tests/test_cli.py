@@ -1,0 +1,65 @@
+"""The CLI end to end: print_config of the recipes, a short fit whose loss decreases with every TensorBoard tag, and
+DDP with two CPU processes (gloo)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_mim.cli import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_SYNTHETIC = [
+    "--config", str(ROOT / "configs/trainer/cpu.yaml"),
+    "--model", "MAE",
+    "--model.backbone.size", "micro", "--model.backbone.img_size", "32", "--model.backbone.patch_size", "4",
+    "--model.decoder_dim", "32", "--model.decoder_depth", "1", "--model.decoder_heads", "2",
+    "--model.optim.lr", "2e-3", "--model.optim.warmup_steps", "2",
+    "--data.source", "synthetic", "--data.synthetic_size", "256", "--data.batch_size", "32",
+    "--data.num_workers", "0", "--data.knn_bank_size", "128", "--data.val_subset", "64",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.log_every_n_steps", "1", "--throughput.log_every_n_steps", "4",
+]
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_mim.cli", *args]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs/mae").glob("*.yaml")), ids=lambda p: p.stem)
+def test_print_config_of_mae_recipes(recipe):
+    result = subprocess.run(cli_command("fit", "--config", str(recipe), "--print_config"), capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "class_path: lightning_mim.methods.MAE" in result.stdout
+    for key in ("mask_ratio: 0.75", "norm_pix_loss: true", "lr_scaling: linear", "decoder_depth:", "knn:"):
+        assert key in result.stdout
+
+
+def test_fit_logs_common_tags_and_loss_decreases(tmp_path):
+    cli = run_cli(["fit", *MICRO_SYNTHETIC, "--trainer.max_epochs", "3",
+                   "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.class_path",
+                   "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 3 * 8
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_mim", "train/lr", "val/loss", "val/knn_top1", "train/throughput_img_s"} <= tags
+    assert "val/reconstruction" in events.Tags()["images"]
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        cli_command("fit", *MICRO_SYNTHETIC, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")),
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
