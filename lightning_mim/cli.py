@@ -35,6 +35,8 @@ class MIMCLI(LightningCLI):
 EXTRA_COMMANDS = {
     "make-shards": ("lightning_mim.data.shards", "write an ImageFolder split as WebDataset tar shards"),
     "demo": ("lightning_mim.demo", "pre-train MAE on Fashion-MNIST on the CPU and compare k-NN with random init"),
+    "export": ("lightning_mim.eval.weights", "write a checkpoint's encoder as a timm-compatible safetensors file"),
+    "evaluate": ("lightning_mim.eval.evaluate", "run k-NN / linear probe / fine-tuning on a checkpoint"),
 }
 
 
