@@ -143,3 +143,19 @@ def test_bad_config_messages(overrides, message):
 def test_wrong_input_shape_message():
     with pytest.raises(ValueError, match="expects images of shape"):
         micro().forward_full(torch.randn(1, 1, 32, 32))
+
+
+def test_attention_is_fused_sdpa(monkeypatch):
+    model = micro().eval()
+    assert all(block.attn.fused_attn for block in model.blocks)
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    mask = torch.ones(1, 1, 65, 65, dtype=torch.bool)
+    model.forward_full(torch.randn(1, 3, 32, 32), attn_mask=mask)
+    assert calls == [True] * len(model.blocks)
