@@ -206,6 +206,16 @@ def test_lightning_run_teacher_stays_eval_and_follows_hand_rolled_ema():
     assert int(final["projector.1.num_batches_tracked"]) > 0  # BN buffers are EMA'd from the student
 
 
+def test_momentum_schedule_values():
+    model = micro_lut()
+
+    def momentum(step: int) -> float:
+        return cosine_momentum(step, 1000, model.momentum_base, model.momentum_final)
+
+    assert momentum(0) == pytest.approx(0.996) and momentum(500) == pytest.approx(0.998)
+    assert 0.99999 < momentum(999) < 1.0
+
+
 def test_checkpoint_holds_the_updated_teacher(tmp_path):
     torch.manual_seed(0)
     model = micro_lut(momentum_base=0.5)
@@ -320,3 +330,27 @@ def test_recipes_parse_with_the_paper_values(recipe, capsys):
         assert args["optim"]["lr_scaling"] == "sqrt" and args["optim"]["lr_reference_batch"] == 16
         assert printed["data"]["batch_size"] * 8 * printed["trainer"]["accumulate_grad_batches"] == 4096
         assert printed["trainer"]["sync_batchnorm"] is True and args["head_hidden_dim"] == 4096
+
+
+def test_cli_fit_logs_the_shared_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = run_cli([
+        "fit", "--model", "LUT", "--model.backbone.size", "micro", "--model.backbone.img_size", "16",
+        "--model.backbone.patch_size", "4", "--model.decoder_dim", "32", "--model.decoder_depth", "1",
+        "--model.decoder_heads", "2", "--model.head_hidden_dim", "64", "--model.optim.lr", "2e-3",
+        "--model.optim.warmup_steps", "2", "--data.source", "synthetic", "--data.synthetic_image_size", "16",
+        "--data.synthetic_size", "128", "--data.batch_size", "16", "--data.num_workers", "0",
+        "--data.knn_bank_size", "64", "--data.val_subset", "32", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 16 and not cli.model.teacher.training
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_mim", "train/loss_bc", "train/lr", "train/teacher_momentum", "val/loss",
+            "val/loss_bc", "val/knn_top1"} <= tags
+    assert "val/reconstruction" in events.Tags()["images"]
+    momenta = [event.value for event in events.Scalars("train/teacher_momentum")]
+    assert momenta[0] == pytest.approx(0.996) and all(b >= a for a, b in zip(momenta, momenta[1:]))
