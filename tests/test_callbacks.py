@@ -270,3 +270,22 @@ def test_throughput_arithmetic_and_syncs_only_at_window_edges(monkeypatch):
     assert [record["step"] for record in callback.history] == [3, 5]
     # synced at the end of warm-up, each logging step and the two validation edges: never in steps 2 or 4
     assert syncs == [1.0, 3.0, 3.0, 103.0, 105.0]
+
+
+def test_last_checkpoint_holds_the_final_step_when_training_stops_mid_epoch(tmp_path):
+    from lightning_mim.callbacks import MIMCheckpoint
+    from lightning_mim.data import MIMDataModule
+    from lightning_mim.methods import MAE
+
+    model = MAE(backbone=dict(size="micro", img_size=32, patch_size=4), decoder_dim=32, decoder_depth=1,
+                decoder_heads=2, optim=dict(lr=1e-3, warmup_steps=1))
+    data = MIMDataModule(source="synthetic", synthetic_size=128, batch_size=16, num_workers=0)
+    checkpoint = MIMCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_steps=19, accelerator="cpu", logger=False, callbacks=[checkpoint],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=1, check_val_every_n_epoch=2)
+    # 8 steps per epoch, validation every second epoch; the run stops mid-epoch at step 19
+    trainer.fit(model, data)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 19
+    assert torch.equal(saved["state_dict"]["backbone.cls_token"], model.backbone.cls_token.detach())
