@@ -52,10 +52,13 @@ def test_fit_logs_common_tags_and_loss_decreases(tmp_path):
     assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+# SyncBatchNorm (LUT's paper configs) needs GPUs; on CPU each rank keeps its own BatchNorm statistics
+@pytest.mark.parametrize("method_args", [[], ["--model", "LUT", "--model.head_hidden_dim", "64"]],
+                         ids=["MAE", "LUT"])
+def test_ddp_two_cpu_processes(tmp_path, method_args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        cli_command("fit", *MICRO_SYNTHETIC, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        cli_command("fit", *MICRO_SYNTHETIC, *method_args, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")),
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
