@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DEB_DIR := .data/fashion-mnist
 RUN ?= runs
 
-.PHONY: install data demo test tensorboard clean
+.PHONY: install data demo test bench tensorboard clean
 
 install: $(STAMP) data
 
@@ -39,6 +39,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Train-step throughput, memory, FLOPs and data-pipeline speed of every method (benchmarks/README.md; GPU commands there)
+bench: install
+	$(BIN)/python -m benchmarks.bench --methods all --size small --img-size 224 --patch-size 16 --batch 16 \
+	    --steps 3 --warmup 1 --data imagefolder,webdataset --workers 1 --device cpu --out benchmarks/results/cpu_vit_s16
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(RUN)

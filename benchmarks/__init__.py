@@ -1,0 +1,1 @@
+"""Throughput, memory, FLOP and data-pipeline benchmarks of the MIM methods (`python -m benchmarks.bench`)."""
