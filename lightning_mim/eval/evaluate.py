@@ -1,0 +1,235 @@
+"""`lightning-mim evaluate`: k-NN, linear probing and fine-tuning of one encoder, results appended to
+`<results>/results.csv` and `<results>/results.md`, one row per protocol, keyed by run name and config hash.
+
+    lightning-mim evaluate --ckpt runs/mae_vit_micro_p4_demo_fmnist/version_0/checkpoints/last.ckpt \
+        --protocols knn,linear,finetune
+    lightning-mim evaluate --ckpt random:configs/mae/vit_micro_p4_demo_fmnist.yaml --protocols knn,linear,finetune
+
+`--ckpt` takes a Lightning checkpoint of this project, an exported `.safetensors` encoder, an official release
+(`{"model": ...}` MAE / LUT, `{"state_dict": ...}` MaPeT; give its encoder with `--backbone '{"size": "base"}'`), or
+`random:<pre-training recipe.yaml>`: the recipe's model built through the LightningCLI with the recipe's seed, i.e. the
+encoder a pre-training run of that recipe starts from, the baseline a pre-trained encoder must beat.
+
+Data: `--data-config` (a LightningCLI data YAML, default Fashion-MNIST), then the protocol recipe's `data:` section,
+then the `--data-*` / `--batch-size` / `--*-subset` flags. Linear / fine-tune recipes (`--linear-config`,
+`--finetune-config`, YAML with `model:` = LinearProbe / FineTune keyword arguments, `data:` and `trainer:`) default to
+the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`, `--finetune-epochs`) overrides their
+`trainer.max_epochs`. The reported accuracy is the one after the last epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.data import MIMDataModule
+from lightning_mim.eval.finetune import FineTune
+from lightning_mim.eval.knn import extract_features, knn_accuracy
+from lightning_mim.eval.linear import LinearProbe
+from lightning_mim.eval.weights import backbone_config_of, load_encoder_state, load_into, read_checkpoint, save_encoder
+from lightning_mim.methods.base import to_plain
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp")
+PROTOCOLS = ("knn", "linear", "finetune")
+
+
+@dataclass
+class Encoder:
+    """The encoder under evaluation: a weights file readable by `load_encoder_state`, its config and identity."""
+
+    path: Path
+    config: BackboneConfig
+    run: str
+    method: str
+    config_hash: str
+
+
+def config_hash(hyper_parameters: dict[str, Any]) -> str:
+    """sha1 (first 10 hex digits) of the hyper-parameters as canonical JSON, without LightningCLI's bookkeeping
+    entries (`_class_path`, `_instantiator`)."""
+    plain = {key: value for key, value in to_plain(hyper_parameters).items() if not key.startswith("_")}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def random_encoder(recipe: Path, workdir: Path) -> Encoder:
+    """The model of a pre-training recipe at its seeded initialisation, built by the LightningCLI exactly as
+    `lightning-mim fit --config <recipe>` builds it (same hyper-parameters, hence the same config hash)."""
+    from lightning_mim.cli import run_cli  # the CLI module imports this one for its subcommands
+
+    cli = run_cli(["--config", str(recipe), "--trainer.logger", "false"], run=False)
+    model = cli.model
+    path = save_encoder(model.backbone.state_dict(), model.backbone_config, workdir / "random_init.safetensors")
+    return Encoder(path, model.backbone_config, f"random:{recipe.stem}", type(model).__name__,
+                   config_hash(dict(model.hparams)))
+
+
+def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = None) -> Encoder:
+    """`random:<recipe.yaml>`, or a checkpoint / safetensors file (its backbone config is read from the file unless
+    `backbone` is given)."""
+    if spec.startswith("random:"):
+        return random_encoder(Path(spec[len("random:"):]), workdir)
+    path = Path(spec)
+    hyper = {} if path.suffix == ".safetensors" else read_checkpoint(path).get("hyper_parameters") or {}
+    config = backbone or backbone_config_of(path)
+    method = str(hyper.get("_class_path", "unknown")).rpartition(".")[2]
+    # <save_dir>/<name>/<version>/checkpoints/<file>: name the run by its logger name and version
+    run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name]) if path.parent.name == "checkpoints" \
+        else path.name
+    return Encoder(path, config, run, method, config_hash(hyper or {"backbone": config}))
+
+
+def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
+                   config: BackboneConfig) -> dict[str, Any]:
+    """MIMDataModule keyword arguments: data config, then the protocol recipe's `data:`, then the command line."""
+    arguments = dict((yaml.safe_load(Path(options.data_config).read_text()) or {}).get("data") or {})
+    arguments |= recipe_data or {}
+    flags = {"source": options.data_source, "data_dir": options.data_dir, "batch_size": options.batch_size,
+             "train_subset": options.train_subset, "val_subset": options.val_subset,
+             "knn_bank_size": options.knn_bank, "synthetic_size": options.synthetic_size,
+             "num_workers": options.num_workers}
+    arguments |= {key: value for key, value in flags.items() if value is not None}
+    arguments.setdefault("synthetic_image_size", config.img_size)
+    return arguments | {"persistent_workers": False, "seed": options.seed}
+
+
+def build_datamodule(arguments: dict[str, Any], config: BackboneConfig) -> MIMDataModule:
+    datamodule = MIMDataModule(**arguments)
+    datamodule.bind(config.img_size, config.in_chans, None)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def eval_device(options: argparse.Namespace) -> torch.device:
+    wants_gpu = options.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, float]:
+    datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder.config)
+    model = MIMViT(encoder.config)
+    state, report = load_encoder_state(encoder.path, encoder.config)
+    load_into(model, state, report)
+    device = eval_device(options)
+    model.to(device).eval()
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return model.pooled_features(images, options.pool)
+
+    bank, bank_labels = extract_features(features, datamodule.knn_bank_dataloader(), device)
+    test, test_labels = extract_features(features, datamodule.val_dataloader(), device)
+    return knn_accuracy(bank, bank_labels, test, test_labels, datamodule.num_classes, k=options.k,
+                        temperature=options.temperature)
+
+
+def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace) -> tuple[dict[str, float], int]:
+    """Train a linear probe or a fine-tuned classifier from its recipe; returns the final val metrics and epochs."""
+    recipe_path = options.linear_config if protocol == "linear" else options.finetune_config
+    recipe = yaml.safe_load(Path(recipe_path).read_text()) or {}
+    trainer_args = dict(recipe.get("trainer") or {})
+    recipe_epochs = int(trainer_args.pop("max_epochs", 1))
+    protocol_epochs = options.linear_epochs if protocol == "linear" else options.finetune_epochs
+    epochs = next(value for value in (protocol_epochs, options.epochs, recipe_epochs) if value is not None)
+    datamodule = build_datamodule(data_arguments(options, recipe.get("data"), encoder.config), encoder.config)
+    module_class = LinearProbe if protocol == "linear" else FineTune
+    L.seed_everything(options.seed, verbose=False)
+    model = module_class(backbone=encoder.config, num_classes=datamodule.num_classes, pretrained=str(encoder.path),
+                         **(recipe.get("model") or {}))
+    trainer = L.Trainer(max_epochs=epochs, accelerator=options.accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=options.progress, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=epochs, **trainer_args)
+    trainer.fit(model, datamodule=datamodule)
+    metrics = {name: float(trainer.callback_metrics[f"val/{name}"]) * 100.0 for name in ("top1", "top5")}
+    return metrics, epochs
+
+
+def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to results.csv and results.md (headers written when the files are new)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = results_dir / "results.csv", results_dir / "results.md"
+    new_csv, new_md = not csv_path.exists(), not md_path.exists()
+    with csv_path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if new_csv:
+            writer.writeheader()
+        writer.writerows(rows)
+    with md_path.open("a") as handle:
+        if new_md:
+            handle.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+        for row in rows:
+            handle.write("| " + " | ".join(str(row[column]) for column in COLUMNS) + " |\n")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="lightning-mim evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True,
+                        help="Lightning checkpoint, exported .safetensors, official release, or random:<recipe.yaml>")
+    parser.add_argument("--protocols", default="knn,linear,finetune", help="comma-separated: knn, linear, finetune")
+    parser.add_argument("--backbone", type=json.loads, default=None,
+                        help='BackboneConfig of a checkpoint that does not store one, as JSON: \'{"size": "base"}\'')
+    parser.add_argument("--data-config", default=str(CONFIG_DIR / "data" / "fashion_mnist.yaml"),
+                        help="LightningCLI data YAML (its `data:` section)")
+    parser.add_argument("--data-source", default=None, choices=("fashion_mnist", "imagefolder", "webdataset",
+                                                                 "synthetic"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--linear-config", default=str(CONFIG_DIR / "eval" / "linear_demo_fmnist.yaml"))
+    parser.add_argument("--finetune-config", default=str(CONFIG_DIR / "eval" / "finetune_demo_fmnist.yaml"))
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of both linear probe and fine-tuning")
+    parser.add_argument("--linear-epochs", type=int, default=None, help="default: --epochs, else the recipe's")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="default: --epochs, else the recipe's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
+    parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N images")
+    parser.add_argument("--val-subset", type=int, default=None, help="evaluate on a seeded subset of N images")
+    parser.add_argument("--knn-bank", type=int, default=None, help="k-NN bank size (training images)")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="k-NN feature pooling")
+    parser.add_argument("--synthetic-size", type=int, default=None)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true", help="show Lightning progress bars")
+    parser.add_argument("--results", default="results", help="folder of results.csv and results.md")
+    options = parser.parse_args(argv)
+    protocols = [name.strip() for name in options.protocols.split(",") if name.strip()]
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        parser.error(f"unknown protocols {unknown}: choose from {', '.join(PROTOCOLS)}")
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        backbone = BackboneConfig(**options.backbone) if options.backbone is not None else None
+        encoder = resolve_encoder(options.ckpt, Path(workdir), backbone)
+        for protocol in protocols:
+            start = time.perf_counter()
+            if protocol == "knn":
+                metrics, epochs = run_knn(encoder, options), 0
+            else:
+                metrics, epochs = run_trained(protocol, encoder, options)
+            row = {"run": encoder.run, "method": encoder.method, "config_hash": encoder.config_hash,
+                   "protocol": protocol, "top1": f"{metrics['top1']:.2f}",
+                   "top5": f"{metrics['top5']:.2f}" if "top5" in metrics else "",
+                   "epochs": epochs, "seconds": f"{time.perf_counter() - start:.1f}",
+                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            append_results(Path(options.results), [row])
+            rows.append(row)
+            print(" | ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+    return rows
+
+
+__all__ = ["COLUMNS", "append_results", "config_hash", "main", "resolve_encoder"]

@@ -1,0 +1,59 @@
+"""`lightning-mim evaluate` on a tiny synthetic pre-training run writes results.csv and results.md."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lightning_mim.cli import main as cli_main
+from lightning_mim.cli import run_cli
+from lightning_mim.eval.evaluate import COLUMNS, config_hash
+
+RECIPE = """seed_everything: 3
+model:
+  class_path: lightning_mim.methods.MAE
+  init_args:
+    backbone: {size: micro, img_size: 16, patch_size: 4}
+    decoder_dim: 32
+    decoder_depth: 1
+    decoder_heads: 4
+    optim: {lr: 1.0e-3, warmup_steps: 1}
+"""
+ARGS = ["--data-source", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
+        "--num-workers", "0", "--knn-bank", "64", "--accelerator", "cpu"]
+
+
+def read_rows(results: Path) -> list[dict[str, str]]:
+    with (results / "results.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_writes_both_result_files(tmp_path: Path) -> None:
+    recipe = tmp_path / "mae_micro.yaml"
+    recipe.write_text(RECIPE)
+    cli = run_cli(["fit", "--config", str(recipe), "--data.source", "synthetic", "--data.synthetic_size", "64",
+                   "--data.synthetic_image_size", "16", "--data.batch_size", "16", "--data.num_workers", "0",
+                   "--data.knn_bank_size", "32", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+                   "--trainer.enable_progress_bar", "false", "--trainer.logger.class_path",
+                   "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                   "--trainer.logger.init_args.name", "mae"])
+    checkpoint = Path(cli.trainer.checkpoint_callback.last_model_path)
+    results = tmp_path / "results"
+    cli_main(["evaluate", "--ckpt", str(checkpoint), "--protocols", "knn,linear,finetune", "--results", str(results),
+              *ARGS])
+    written = read_rows(results)
+    assert tuple(written[0]) == COLUMNS and [row["protocol"] for row in written] == ["knn", "linear", "finetune"]
+    assert {row["method"] for row in written} == {"MAE"}
+    assert {row["run"] for row in written} == {"mae/version_0/last.ckpt"}
+    assert {row["config_hash"] for row in written} == {config_hash(dict(cli.model.hparams))}
+    assert len(written[0]["config_hash"]) == 10
+    assert all(0.0 <= float(row["top1"]) <= float(row["top5"]) <= 100.0 for row in written)
+    assert [row["epochs"] for row in written] == ["0", "1", "1"]
+    markdown = (results / "results.md").read_text().splitlines()
+    assert markdown[0] == "| " + " | ".join(COLUMNS) + " |" and len(markdown) == 2 + 3
+
+    # the recipe's random initialisation: same hyper-parameters, so the same config hash, under its own run name
+    cli_main(["evaluate", "--ckpt", f"random:{recipe}", "--protocols", "knn", "--results", str(results), *ARGS])
+    written = read_rows(results)
+    assert len(written) == 4 and written[-1]["run"] == "random:mae_micro" and written[-1]["protocol"] == "knn"
+    assert written[-1]["config_hash"] == written[0]["config_hash"]
+    assert len((results / "results.md").read_text().splitlines()) == 2 + 4
