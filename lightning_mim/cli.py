@@ -9,15 +9,48 @@
 from __future__ import annotations
 
 import importlib
+import random
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_mim.callbacks import KNNMonitor, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
+from lightning_mim.reliability import AtomicCheckpointIO
+
+
+class RNGState(Callback):
+    """Saves the python, numpy and torch (CPU and CUDA) generator states in every checkpoint and restores them on
+    resume, so random masking and augmentation continue the interrupted run's streams."""
+
+    def state_dict(self) -> dict[str, Any]:
+        # numpy's state as plain lists so the checkpoint still loads weights-only
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {"python": random.getstate(),
+                                 "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+                                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, position, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
 class MIMCLI(LightningCLI):
@@ -30,6 +63,27 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
+        CheckpointIO; RNG states travel in every checkpoint."""
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, [*callbacks, RNGState()])
+
+    def before_fit(self) -> None:
+        """Resume automatically when `--checkpoint.dirpath` already holds `last.ckpt` and no ckpt_path is given
+        (a requeued SLURM job with an `hpc_ckpt_*.ckpt` in default_root_dir resumes from that, as Lightning does)."""
+        config = self.config_init[self.subcommand]
+        dirpath = config["checkpoint"].dirpath
+        requeued = SLURMEnvironment.detect() and any(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+        if (config.get("ckpt_path") is None and not requeued and dirpath is not None
+                and (Path(dirpath) / "last.ckpt").is_file()):
+            config["ckpt_path"] = str(Path(dirpath) / "last.ckpt")
+            print(f"resuming from {config['ckpt_path']} (found in --checkpoint.dirpath)", flush=True)
 
 
 EXTRA_COMMANDS = {

@@ -40,10 +40,24 @@ class OptimConfig:
     eps: float = 1e-8
     no_weight_decay: tuple[str, ...] = ()
     fused: bool | None = None
+    max_consecutive_nonfinite: int = 20
 
     def __post_init__(self) -> None:
         if self.lr_scaling not in ("linear", "sqrt", "none"):
             raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}: choose 'linear', 'sqrt' or 'none'")
+        for name in ("base_lr", "lr", "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if self.lr_reference_batch <= 0:
+            raise ValueError(f"optim.lr_reference_batch must be positive, got {self.lr_reference_batch}")
+        if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError(f"warm-up must be >= 0, got warmup_epochs={self.warmup_epochs}, "
+                             f"warmup_steps={self.warmup_steps}")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"optim.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
         self.betas = tuple(self.betas)
         self.no_weight_decay = tuple(self.no_weight_decay)
 
@@ -67,7 +81,15 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """Teacher momentum, cosine from `base` at step 0 to `final` at `total_steps` (BYOL / DINO / LUT)."""
+    check_momentum(base, final)
     return final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def check_momentum(base: float, final: float) -> None:
+    """EMA momenta are weights of a convex combination: both must lie in [0, 1]."""
+    for name, value in (("momentum_base", base), ("momentum_final", final)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"teacher {name} must lie in [0, 1] (e.g. 0.996 -> 1.0), got {value}")
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -120,6 +142,9 @@ class MIMMethod(L.LightningModule, abc.ABC):
         self.feature_pool = feature_pool
         self.backbone = MIMViT(self.backbone_config)
         self.peak_lr: float | None = None
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        self._consecutive_nonfinite = 0
 
     @property
     def image_size(self) -> int:
@@ -151,16 +176,50 @@ class MIMMethod(L.LightningModule, abc.ABC):
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights.get(name, 1.0) * value for name, value in losses.items())
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def _all_ranks_finite(self, total: torch.Tensor) -> bool:
+        """True when the loss is finite on every rank, so all ranks skip (or take) the same steps under DDP."""
+        finite = torch.isfinite(total.detach()).float().reshape(1)
+        return bool(self.all_gather(finite).min() > 0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """The weighted total loss; None (no backward, no parameter update) when it is NaN/inf on any rank."""
         views, _ = batch
+        # a NaN batch would also poison BatchNorm running statistics in the forward pass: keep them to restore
+        buffers = [buffer.detach().clone() for buffer in self.buffers()]
         losses = self.compute_losses(views)
         total = self.weighted_total(losses)
         batch_size = (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
+        self.last_step_skipped = not self._all_ranks_finite(total)
+        if self.last_step_skipped:
+            with torch.no_grad():
+                for buffer, saved in zip(self.buffers(), buffers):
+                    buffer.copy_(saved)
+            self.skipped_steps += 1
+            self._consecutive_nonfinite += 1
+        else:
+            self._consecutive_nonfinite = 0
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "skipped_samples"):
+            self.log("data/skipped_samples", float(datamodule.skipped_samples), batch_size=batch_size)
+        limit = self.optim_config.max_consecutive_nonfinite
+        if self._consecutive_nonfinite >= limit:
+            raise FloatingPointError(
+                f"the training loss was NaN/inf on {limit} consecutive steps (global step {self.global_step}): "
+                f"stopping. Lower optim.lr or check the data; optim.max_consecutive_nonfinite sets this limit")
+        if self.last_step_skipped:
+            return None
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return total
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, _ = batch

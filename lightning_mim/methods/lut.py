@@ -38,7 +38,7 @@ from lightning_mim.backbone import BackboneConfig
 from lightning_mim.heads import ProjectionMLP
 from lightning_mim.losses import byol_loss, masked_mse
 from lightning_mim.masking import check_paired_mask_ratio, paired_disjoint_masking
-from lightning_mim.methods.base import OptimConfig, cosine_momentum, ema_update_, make_teacher
+from lightning_mim.methods.base import OptimConfig, check_momentum, cosine_momentum, ema_update_, make_teacher
 from lightning_mim.methods.mae import MAE
 
 
@@ -133,6 +133,7 @@ class LUT(MAE):
                  head_out_dim: int | None = None, momentum_base: float = 0.996, momentum_final: float = 1.0) -> None:
         """head_out_dim: projector / predictor output width (None: the encoder width, 768 for ViT-B)."""
         check_paired_mask_ratio(mask_ratio)
+        check_momentum(momentum_base, momentum_final)
         optim = optim if isinstance(optim, OptimConfig) else LUTOptimConfig(**(optim or {}))
         super().__init__(backbone, optim, loss_weights, feature_pool, mask_ratio, norm_pix_loss,
                          decoder_dim, decoder_depth, decoder_heads)
@@ -218,6 +219,8 @@ class LUT(MAE):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.last_step_skipped:
+            return
         index = epoch * self.trainer.num_training_batches + batch_idx
         momentum = cosine_momentum(index, self.momentum_horizon(), self.momentum_base, self.momentum_final)
         self.update_teacher(momentum)

@@ -1,0 +1,49 @@
+"""Callbacks the subprocess runs of the reliability tests load by class path (`helpers.<Name>`)."""
+import os
+import signal
+
+import lightning as L
+
+
+class LossRecorder(L.Callback):
+    """Appends `global_step loss` to a text file after every optimiser step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as handle:
+            handle.write(f"{trainer.global_step} {outputs['loss'].item():.10g}\n")
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process at the start of the batch after `step` (the checkpoint of `step` is on disk)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DieOnRank(L.Callback):
+    """Rank `rank` exits abruptly (no cleanup) at the start of step `step`."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os._exit(3)
+
+
+class Announce(L.Callback):
+    """Creates the file `path` once `step` optimiser steps are done, so a test knows when to send a signal."""
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            open(self.path, "w").close()
