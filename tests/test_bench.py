@@ -1,49 +1,118 @@
-"""The benchmark runs end to end on a tiny configuration, and its FLOP counting matches the textbook count."""
+"""The benchmark's FLOP counting matches hand counts, and a tiny run writes a complete report."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.bench import available_methods, count_flops, main
+from lightning_mim.methods import MAE
 
 
-def test_count_flops_linear_forward_is_2mnk() -> None:
+def vit_blocks_flops(tokens: int, width: int, depth: int) -> int:
+    """Forward matmul FLOPs of `depth` pre-norm ViT blocks (mlp ratio 4) on one sequence: qkv, attention
+    (Q K^T and P V), output projection, MLP."""
+    return depth * (2 * tokens * width * (3 * width + width + 8 * width) + 4 * tokens * tokens * width)
+
+
+def mae_flops_per_image(method: MAE) -> tuple[int, int]:
+    """(forward, forward + backward) matmul FLOPs of one image through MAE, from its layer sizes."""
+    backbone, decoder = method.backbone, method.decoder
+    patches, width = backbone.num_patches, backbone.embed_dim
+    patch_dim = backbone.patch_size ** 2 * method.in_chans
+    kept = 1 + round(patches * (1 - method.mask_ratio))
+    decoder_width, decoder_tokens = decoder.embed.out_features, 1 + patches
+    patch_embed = 2 * patches * width * patch_dim
+    forward = (patch_embed + vit_blocks_flops(kept, width, len(backbone.blocks))
+               + 2 * kept * width * decoder_width
+               + vit_blocks_flops(decoder_tokens, decoder_width, len(decoder.blocks))
+               + 2 * decoder_tokens * decoder_width * patch_dim)
+    # backward doubles every product, except the patch embedding, whose input (the images) needs no gradient
+    return forward, 3 * forward - patch_embed
+
+
+def test_count_flops_linear_is_2mnk_forward_and_twice_that_backward() -> None:
     m, k, n = 8, 16, 32
     layer = torch.nn.Linear(k, n)
-    inputs = torch.randn(m, k)
+    inputs = torch.randn(m, k, requires_grad=True)
     with torch.no_grad():
         assert count_flops(lambda: layer(inputs)) == 2 * m * n * k
+    assert count_flops(lambda: layer(inputs).sum().backward()) == 3 * 2 * m * n * k
 
 
 def test_count_flops_counts_cpu_attention_forward_and_backward() -> None:
     query = torch.randn(2, 3, 10, 8, requires_grad=True)
     key, value = torch.randn(2, 3, 12, 8, requires_grad=True), torch.randn(2, 3, 12, 8, requires_grad=True)
     forward = 2 * 2 * 3 * 10 * 12 * (8 + 8)
-    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(query, key, value)) == forward
-    assert count_flops(
-        lambda: torch.nn.functional.scaled_dot_product_attention(query, key, value).sum().backward()
-    ) == 3 * forward
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: attention(query, key, value)) == forward
+    assert count_flops(lambda: attention(query, key, value).sum().backward()) == 3 * forward
 
 
-def test_tiny_bench_writes_positive_columns_and_one_row_per_method(tmp_path: Path) -> None:
-    out = tmp_path / "tiny"
+def test_count_flops_of_a_micro_mae_forward_matches_its_layer_sizes() -> None:
+    method = MAE(backbone=dict(size="micro", img_size=32, patch_size=4), decoder_dim=64, decoder_depth=2,
+                 decoder_heads=4)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        counted = count_flops(lambda: method.compute_losses(images))
+    assert counted == 3 * mae_flops_per_image(method)[0]
+
+
+# small heads keep the tiny run fast; each method takes the arguments its constructor accepts
+METHOD_ARGS = {"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 4, "head_hidden_dim": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    threads = torch.get_num_threads()
     main(["--methods", "all", "--size", "micro", "--img-size", "32", "--patch-size", "4", "--batch", "4",
-          "--steps", "2", "--warmup", "1", "--data", "imagefolder,webdataset", "--data-images", "16",
-          "--workers", "0", "--device", "cpu", "--out", str(out)])
-    report = json.loads((out / "bench.json").read_text())
+          "--steps", "2", "--warmup", "1", "--threads", "1", "--matmul-seconds", "0.05",
+          "--method-args", json.dumps(METHOD_ARGS), "--data", "imagefolder,webdataset",
+          "--data-images", "32", "--workers", "0", "--device", "cpu", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # --threads applies to the run only
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str]) -> None:
+    report, _ = tiny_report
     methods = sorted(available_methods())
     assert methods and sorted(row["method"] for row in report["methods"]) == methods
-    assert report["header"]["matmul_tflops"] > 0
+    for key in ("device", "torch", "timm", "lightning", "torch_threads", "loadavg_start", "loadavg_end", "matmul",
+                "settings"):
+        assert key in report["header"]
+    assert report["header"]["torch_threads"] == 1
     for row in report["methods"]:
-        for column in ("params_m", "step_ms", "img_per_s", "gflops_per_img", "achieved_tflops", "mfu_vs_matmul",
-                       "peak_mem_mib", "first_step_s"):
+        for column in ("params_m", "step_ms", "img_per_s", "gflops_per_img", "achieved_tflops", "matmul_tflops",
+                       "matmul_tflops_before", "matmul_tflops_after", "mfu_vs_matmul", "peak_mem_mib",
+                       "first_step_s"):
             assert row[column] > 0, (row["method"], column)
-        assert isinstance(row["target_met"], bool)
-    assert [row["source"] for row in report["data"]] == ["imagefolder", "webdataset"]
+        assert row["achieved_tflops"] == pytest.approx(row["gflops_per_img"] * row["img_per_s"] / 1e3)
+        assert row["mfu_vs_matmul"] == pytest.approx(row["achieved_tflops"] / row["matmul_tflops"])
+        assert isinstance(row["cpu_target_met"], bool)
+    assert [(row["method"], row["source"]) for row in report["data"]] == [
+        (method, source) for method in [row["method"] for row in report["methods"]]
+        for source in ("imagefolder", "webdataset")]
     for row in report["data"]:
-        assert row["images"] == 16 and row["img_per_s"] > 0 and row["img_per_s_per_worker"] > 0
-    table_rows = [line for line in (out / "bench.md").read_text().splitlines()
-                  if line.startswith("| ") and line.split("|")[1].strip() in methods]
-    assert sorted(line.split("|")[1].strip() for line in table_rows) == methods
+        assert row["images"] == 32
+        for column in ("seconds", "img_per_s", "img_per_s_per_worker", "data_vs_train"):
+            assert row[column] > 0, (row["method"], row["source"], column)
+
+
+def test_tiny_bench_counts_the_mae_train_step_flops_of_its_layers(tiny_report: tuple[dict, str]) -> None:
+    report, _ = tiny_report
+    mae_row = next(row for row in report["methods"] if row["method"] == "mae")
+    method = MAE(backbone=dict(size="micro", img_size=32, patch_size=4), **mae_row["method_args"])
+    assert mae_row["method_args"] == {key: METHOD_ARGS[key] for key in ("decoder_dim", "decoder_depth",
+                                                                        "decoder_heads")}
+    assert mae_row["gflops_per_img"] * 1e9 == pytest.approx(mae_flops_per_image(method)[1], rel=1e-9)
+
+
+def test_tiny_bench_markdown_has_one_row_per_method(tiny_report: tuple[dict, str]) -> None:
+    _, markdown = tiny_report
+    methods = sorted(available_methods())
+    table = markdown.split("\n\n")[2].splitlines()
+    assert table[0].startswith("| method | params (M) |")
+    assert sorted(line.split("|")[1].strip() for line in table[2:]) == methods
