@@ -9,12 +9,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
-    NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, expand_shards, read_classes,
-    seeded_subset, webdataset_pipeline,
+    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, expand_shards,
+    read_classes, seeded_subset, webdataset_pipeline,
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
@@ -55,6 +56,10 @@ class MIMDataModule(L.LightningDataModule):
     Sources: `fashion_mnist` (idx files in `data_dir`, default /usr/share/datasets/fashion-mnist), `imagefolder`
     (`data_dir/train/<class>/<image>` and `data_dir/val/...`), `webdataset` (tar shards `train_shards`,
     `val_shards`; `train_samples` sets the epoch length), `synthetic` (generated, for tests).
+
+    `seed` fixes the subsets, the training order (a permutation per epoch) and every sample's augmentation draws
+    (seeded from seed, epoch and index), so a run resumed mid-epoch sees exactly the batches it had not seen yet.
+    WebDataset training resamples shards from a fresh random stream instead, and resumes at the right step only.
     """
 
     def __init__(
@@ -263,8 +268,11 @@ class MIMDataModule(L.LightningDataModule):
         if hp.drop_last and len(self._train_set) < hp.batch_size * world:
             raise ValueError(f"{len(self._train_set)} training samples give no full batch of {hp.batch_size} on "
                              f"each of {world} ranks; lower batch_size or set drop_last=False")
-        return DataLoader(Transformed(self._train_set, transform), batch_size=hp.batch_size, shuffle=True,
-                          drop_last=hp.drop_last, **self._loader_kwargs())
+        # StatefulDataLoader: Lightning saves its position in every checkpoint and resumes mid-epoch at the next
+        # unseen batch; the sampler's order and the per-sample augmentation seeds depend only on data.seed.
+        sampler = EpochSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
+        return StatefulDataLoader(Transformed(self._train_set, transform, hp.seed), batch_size=hp.batch_size,
+                                  sampler=sampler, drop_last=hp.drop_last, **self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
         """(image, label) batches of the validation split with the eval transform.
@@ -327,9 +335,12 @@ class MIMDataModule(L.LightningDataModule):
 
     def _loader_kwargs(self) -> dict[str, Any]:
         workers = self.hparams.num_workers
+        # an own generator for the loaders' worker base seeds, so that creating a loader iterator (each epoch, each
+        # validation, a resume) draws nothing from the global generator the methods' masking uses
         return {"num_workers": workers,
                 "pin_memory": self.hparams.pin_memory and torch.cuda.is_available(),
-                "persistent_workers": self.hparams.persistent_workers and workers > 0}
+                "persistent_workers": self.hparams.persistent_workers and workers > 0,
+                "generator": torch.Generator().manual_seed(self.hparams.seed)}
 
     def _require_setup(self) -> None:
         if self._num_classes is None:

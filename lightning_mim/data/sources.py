@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing
 import os
+import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Subset, default_collate
+from torch.utils.data import Dataset, DistributedSampler, Subset, default_collate
 from torchvision.datasets import ImageFolder
 from webdataset.shardlists import expand_urls
 
@@ -51,18 +55,79 @@ class ToMode:
 
 
 class Transformed(Dataset):
-    """Apply a transform to the image of (image, label) samples of a map-style dataset."""
+    """Apply a transform to the image of (image, label) samples of a map-style dataset.
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Image.Image], Any]) -> None:
+    Indexed by `(index, epoch)` pairs (what `EpochSampler` yields), the transform runs with the random generators
+    seeded from (seed, epoch, index): a sample's augmentation is then the same whichever worker loads it, however
+    many batches were prefetched, and after a resume mid-epoch. A plain int index leaves the generators alone.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Image.Image], Any], seed: int = 0) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
+        if isinstance(item, int):
+            image, label = self.dataset[item]
+            return self.transform(image), label
+        index, epoch = item
         image, label = self.dataset[index]
-        return self.transform(image), label
+        with seeded_generators(sample_seed(self.seed, epoch, index)):
+            return self.transform(image), label
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@contextmanager
+def seeded_generators(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator, Python's `random` and numpy's global generator seeded from `seed`
+    (what torchvision and timm transforms draw from), and restore all three afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (a seeded permutation per epoch, this rank's share) yielding `(index, epoch)`,
+    with a state (epoch, indices yielded) that a torchdata StatefulDataLoader saves and restores.
+
+    The epoch is part of the state because Lightning builds the resumed epoch's iterator before it calls
+    `set_epoch`; torchdata's own StatefulDistributedSampler keeps only the count and would replay epoch 0's order.
+    Lightning leaves a DistributedSampler in place instead of wrapping it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.yielded = 0
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch, start = self.epoch, self._resume_at
+        self._resume_at, self.yielded = 0, start
+        for index in itertools.islice(super().__iter__(), start, None):
+            self.yielded += 1
+            yield index, epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._resume_at = int(state["epoch"]), int(state["yielded"])
 
 
 def seeded_subset(dataset: Dataset, size: int | None, seed: int, stream: int) -> Dataset:

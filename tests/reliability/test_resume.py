@@ -1,16 +1,20 @@
-"""Exact resume: a run SIGKILLed after the checkpoint of step k and restarted (automatic resume from
-`--checkpoint.dirpath/last.ckpt`) at an epoch boundary reproduces the per-step losses and final weights of an
-uninterrupted run (mid-epoch the plain DataLoader reshuffles, so the data order is not exact there)."""
+"""Exact resume: a run SIGKILLed after the checkpoint of step k, in the middle of an epoch, and restarted (automatic
+resume from `--checkpoint.dirpath/last.ckpt`) reproduces the per-step losses and final weights of an uninterrupted
+run; the training loader resumed from its state yields exactly the batches not yet seen, augmentations included."""
 import os
 import subprocess
 
+import pytest
 import torch
 import yaml
 from conftest import MICRO, ROOT, cli_command
 
+from lightning_mim.data import MIMDataModule
+from lightning_mim.methods import MAE
 from lightning_mim.reliability import safe_load
 
-TOTAL, KILL_AT = 12, 8
+# 64 samples in batches of 16: 4 steps an epoch, so step 6 is the middle of the second epoch
+TOTAL, KILL_AT = 12, 6
 
 
 def run(tmp_path, name: str, callbacks: list[dict]) -> subprocess.CompletedProcess:
@@ -48,3 +52,35 @@ def test_sigkill_then_resume_matches_straight_run(tmp_path):
     final_b = safe_load(tmp_path / "resumed" / "ckpt" / "last.ckpt")["state_dict"]
     for name, value in final_a.items():
         torch.testing.assert_close(final_b[name], value, rtol=1e-6, atol=1e-7)
+
+
+def augmented_loader(workers: int):
+    data = MIMDataModule(source="synthetic", synthetic_size=40, synthetic_image_size=16, batch_size=4,
+                         num_workers=workers, persistent_workers=False, knn_bank_size=8, val_subset=8, seed=3)
+    model = MAE(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32, decoder_depth=1,
+                decoder_heads=2)
+    data.bind(16, 3, model.train_transform(data.mean_for(3), data.std_for(3)))
+    data.setup("fit")
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(1)
+    return loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_resumes_mid_epoch_with_the_unseen_batches(workers):
+    straight = [images for images, _ in augmented_loader(workers)]
+    assert len(straight) == 10
+    first = augmented_loader(workers)
+    iterator = iter(first)
+    seen = [next(iterator)[0] for _ in range(3)]
+    state = first.state_dict()
+    torch.manual_seed(1234)  # the global generator must not matter
+    resumed = augmented_loader(workers)
+    resumed.load_state_dict(state)
+    rest = [images for images, _ in resumed]
+    assert len(seen) + len(rest) == len(straight)
+    for got, expected in zip(seen + rest, straight):
+        assert torch.equal(got, expected)
+    other_epoch = augmented_loader(workers)
+    other_epoch.sampler.set_epoch(2)
+    assert not torch.equal(next(iter(other_epoch))[0], straight[0])
