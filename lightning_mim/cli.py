@@ -74,6 +74,13 @@ class MIMCLI(LightningCLI):
         config["plugins"] = plugins
         return super()._instantiate_trainer(config, [*callbacks, RNGState()])
 
+    def _parse_ckpt_path(self) -> None:
+        """`fit` keeps this command line's configuration and checks it against the checkpoint's when resuming
+        (`MIMMethod.on_load_checkpoint`) instead of silently taking the checkpoint's hyper-parameters, as
+        LightningCLI would; validate / test / predict read them from the checkpoint as usual."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         """Resume automatically when `--checkpoint.dirpath` already holds `last.ckpt` and no ckpt_path is given
         (a requeued SLURM job with an `hpc_ckpt_*.ckpt` in default_root_dir resumes from that, as Lightning does)."""

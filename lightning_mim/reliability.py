@@ -71,6 +71,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path)
 
 
+# Settings a resumed run may change without changing the experiment: how the work is executed and where data lives.
+RESUME_MAY_CHANGE = frozenset({
+    "model.backbone.grad_checkpointing", "model.optim.fused", "model.optim.max_consecutive_nonfinite",
+    "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.data_dir", "data.train_shards",
+    "data.val_shards",
+})
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key != "_instantiator":
+            flat |= _flatten(value, f"{prefix}.{key}")
+    return flat
+
+
+def check_same_experiment(checkpoint: dict[str, Any], model_hparams: dict[str, Any],
+                          data_hparams: dict[str, Any] | None) -> None:
+    """Refuse to resume a checkpoint whose model or data hyper-parameters differ from this run's (other than
+    `RESUME_MAY_CHANGE`): that would silently continue another experiment (or fail later on a weight shape)."""
+    differences = []
+    for section, saved, current in (("model", checkpoint.get("hyper_parameters"), model_hparams),
+                                    ("data", checkpoint.get("datamodule_hyper_parameters"), data_hparams)):
+        if saved is None or current is None:
+            continue
+        before, now = _flatten(dict(saved), section), _flatten(dict(current), section)
+        for key in sorted(set(before) | set(now)):
+            if key not in RESUME_MAY_CHANGE and before.get(key, "<unset>") != now.get(key, "<unset>"):
+                differences.append(f"{key}: {before.get(key, '<unset>')!r} in the checkpoint, "
+                                   f"{now.get(key, '<unset>')!r} in this run")
+    if differences:
+        raise ValueError(
+            "the checkpoint to resume was written by another configuration:\n  " + "\n  ".join(differences) +
+            "\nResume with the checkpoint's settings (drop these overrides), or start a new run in another "
+            "folder (a new --checkpoint.dirpath, no --ckpt_path); to start from its weights only, use "
+            "`lightning-mim export` and the fine-tuning / evaluation commands")
+
+
 def check_cell_size(grid: int, cell: int) -> None:
     """SymMIM's checkerboard masks a `grid` x `grid` patch grid in `cell` x `cell` blocks: `cell` must divide it."""
     if grid <= 0 or cell <= 0:

@@ -70,6 +70,7 @@ class MIMDataModule(L.LightningDataModule):
         val_shards: str | None = None,
         train_samples: int | None = None,
         batch_size: int = 256,
+        global_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -86,12 +87,18 @@ class MIMDataModule(L.LightningDataModule):
         eval_resize_ratio: float = 0.875,
         shuffle_buffer: int = 1000,
     ) -> None:
-        """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker)."""
+        """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
+
+        `global_batch_size`, when given, replaces `batch_size`: each device then loads global_batch_size /
+        (devices x nodes x accumulate_grad_batches) images a step, which must divide exactly.
+        """
         super().__init__()
         if source not in get_args(Source):
             raise ValueError(f"unknown source {source!r}; choose one of {', '.join(get_args(Source))}")
         if batch_size <= 0 or num_workers < 0:
             raise ValueError(f"need batch_size > 0 and num_workers >= 0, got {batch_size} and {num_workers}")
+        if global_batch_size is not None and global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if not 0.0 < eval_resize_ratio <= 1.0:
             raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
         self.save_hyperparameters()
@@ -162,6 +169,7 @@ class MIMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Bind to the attached LightningModule if it declares its views, and build the datasets (once)."""
         self._bind_from_trainer()
+        _ = self.batch_size  # a global batch that does not split over the devices fails here, before any compute
         if self._counter is None:
             self._counter = SkipCounter()
         if self._num_classes is not None:
@@ -236,8 +244,18 @@ class MIMDataModule(L.LightningDataModule):
 
     @property
     def batch_size(self) -> int:
-        """Per-device batch size."""
-        return int(self.hparams.batch_size)
+        """Per-device batch size: `batch_size`, or `global_batch_size` split over devices and accumulation."""
+        hp = self.hparams
+        if hp.global_batch_size is None:
+            return int(hp.batch_size)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        shares = world * accumulate
+        if hp.global_batch_size % shares:
+            raise ValueError(f"global_batch_size={hp.global_batch_size} does not split over {world} device(s) x "
+                             f"{accumulate} accumulation step(s) = {shares} shares; choose a multiple of {shares} "
+                             f"or change trainer.devices / num_nodes / accumulate_grad_batches")
+        return hp.global_batch_size // shares
 
     @property
     def skipped_samples(self) -> int:
@@ -253,25 +271,25 @@ class MIMDataModule(L.LightningDataModule):
             [ToMode(self._mode), self._train_transform])
         rank, world = self._rank_world()
         if hp.source == "webdataset":
-            batches = hp.train_samples // (hp.batch_size * world)
+            batches = hp.train_samples // (self.batch_size * world)
             if batches == 0:
-                raise ValueError(f"train_samples={hp.train_samples} is less than one batch of {hp.batch_size} "
+                raise ValueError(f"train_samples={hp.train_samples} is less than one batch of {self.batch_size} "
                                  f"on each of {world} ranks")
             # Each rank and worker draws shards with replacement from its own randomly seeded stream (webdataset
             # seeds it from pid, time and urandom), so no split by rank is needed; the stream never runs out, so
             # with_epoch cuts exactly `batches` batches on every rank.
             pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
                                            node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
-                                           batch_size=hp.batch_size)
+                                           batch_size=self.batch_size)
             loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
             return loader.with_epoch(batches).with_length(batches, silent=True)
-        if hp.drop_last and len(self._train_set) < hp.batch_size * world:
-            raise ValueError(f"{len(self._train_set)} training samples give no full batch of {hp.batch_size} on "
+        if hp.drop_last and len(self._train_set) < self.batch_size * world:
+            raise ValueError(f"{len(self._train_set)} training samples give no full batch of {self.batch_size} on "
                              f"each of {world} ranks; lower batch_size or set drop_last=False")
         # StatefulDataLoader: Lightning saves its position in every checkpoint and resumes mid-epoch at the next
         # unseen batch; the sampler's order and the per-sample augmentation seeds depend only on data.seed.
         sampler = EpochSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        return StatefulDataLoader(Transformed(self._train_set, transform, hp.seed), batch_size=hp.batch_size,
+        return StatefulDataLoader(Transformed(self._train_set, transform, hp.seed), batch_size=self.batch_size,
                                   sampler=sampler, drop_last=hp.drop_last, **self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
@@ -289,7 +307,7 @@ class MIMDataModule(L.LightningDataModule):
             rank, world = self._rank_world()
             limit = None if hp.val_subset is None else -(-hp.val_subset // world)
             return self._shard_eval_loader(self._val_urls, NodeSplitter(rank, world), limit)
-        return DataLoader(Transformed(self._val_set, self.eval_transform()), batch_size=hp.batch_size,
+        return DataLoader(Transformed(self._val_set, self.eval_transform()), batch_size=self.batch_size,
                           shuffle=False, drop_last=False, **self._loader_kwargs())
 
     @property
@@ -306,14 +324,14 @@ class MIMDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.source == "webdataset":
             return self._shard_eval_loader(self._train_urls, None, hp.knn_bank_size)
-        return DataLoader(Transformed(self._knn_set, self.eval_transform()), batch_size=hp.batch_size,
+        return DataLoader(Transformed(self._knn_set, self.eval_transform()), batch_size=self.batch_size,
                           shuffle=False, drop_last=False, **self._loader_kwargs())
 
     # ------------------------------------------------------------------------------------------- helpers
     def _shard_eval_loader(self, urls: list[str], node_splitter: NodeSplitter | None,
                            limit: int | None) -> Iterable[Any]:
         """Read shards once in order with the eval transform, keeping at most `limit` samples."""
-        bs = self.hparams.batch_size
+        bs = self.batch_size
         pipeline = webdataset_pipeline(urls, self.eval_transform(), self._counter, resampled=False,
                                        node_splitter=node_splitter, batch_size=bs, partial_batches=True)
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())

@@ -12,10 +12,12 @@ from typing import Any, Callable, Literal
 import lightning as L
 import torch
 import torch.nn as nn
+from lightning.pytorch.trainer.states import TrainerFn
 from timm.optim import param_groups_weight_decay
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.reliability import check_same_experiment
 
 
 @dataclass
@@ -219,6 +221,11 @@ class MIMMethod(L.LightningModule, abc.ABC):
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming `fit` requires the checkpoint's configuration (see `check_same_experiment`)."""
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            datamodule = self.trainer.datamodule
+            check_same_experiment(checkpoint, dict(self.hparams),
+                                  dict(datamodule.hparams) if datamodule is not None else None)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

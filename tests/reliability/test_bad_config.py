@@ -76,3 +76,33 @@ def test_check_vocabulary():
         check_vocabulary(8192, 1000)
     with pytest.raises(ValueError):
         check_vocabulary(0, 0)
+
+
+def test_global_batch_that_does_not_split_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"global_batch_size=30 does not split over 1 device\(s\) x 4"):
+        run_cli(["fit", *MICRO, "--data.global_batch_size", "30", "--trainer.accumulate_grad_batches", "4",
+                 "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path)])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_global_batch_sets_the_per_device_batch_and_the_lr_rule(tmp_path):
+    cli = run_cli(["fit", *MICRO, "--data.global_batch_size", "32", "--trainer.accumulate_grad_batches", "2",
+                   "--model.optim.lr", "null", "--model.optim.base_lr", "1e-3", "--trainer.max_steps", "1",
+                   "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.datamodule.batch_size == 16
+    assert cli.model.effective_batch_size() == 32
+    assert cli.model.peak_lr == pytest.approx(1e-3 * 32 / 256)
+
+
+def test_resuming_with_another_configuration_is_refused_and_names_both_values(tmp_path):
+    common = [*MICRO, "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt")]
+    run_cli(["fit", *common, "--trainer.max_steps", "1"])
+    with pytest.raises(ValueError, match=r"model.backbone.patch_size: 4 in the checkpoint, 8 in this run"):
+        run_cli(["fit", *common, "--model.backbone.patch_size", "8", "--trainer.max_steps", "2",
+                 "--ckpt_path", str(tmp_path / "ckpt/last.ckpt")])
+    with pytest.raises(ValueError, match=r"model.mask_ratio: 0.75 in the checkpoint, 0.6 in this run"):
+        run_cli(["fit", *common, "--model.mask_ratio", "0.6", "--trainer.max_steps", "2"])  # automatic resume
+    with pytest.raises(ValueError, match=r"data.batch_size: 16 in the checkpoint, 8 in this run"):
+        run_cli(["fit", *common, "--data.batch_size", "8", "--trainer.max_steps", "2"])
+    cli = run_cli(["fit", *common, "--model.backbone.grad_checkpointing", "true", "--trainer.max_steps", "2"])
+    assert cli.trainer.global_step == 2
