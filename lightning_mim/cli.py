@@ -23,7 +23,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_mim.callbacks import KNNMonitor, ReconstructionImages, Throughput
+from lightning_mim.callbacks import CompileLosses, KNNMonitor, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
 from lightning_mim.reliability import AtomicCheckpointIO
@@ -55,7 +55,8 @@ class RNGState(Callback):
 
 class MIMCLI(LightningCLI):
     """Method chosen with `--model <Name>` (or `class_path` in YAML); one DataModule; the monitoring callbacks and
-    checkpointing are top-level groups (`--knn.*`, `--throughput.*`, `--reconstruction.*`, `--checkpoint.*`)."""
+    checkpointing are top-level groups (`--knn.*`, `--throughput.*`, `--reconstruction.*`, `--checkpoint.*`,
+    `--compile.*`)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -63,6 +64,7 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(KNNMonitor, "knn")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
+        parser.add_lightning_class_args(CompileLosses, "compile")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
