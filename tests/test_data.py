@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -516,3 +517,20 @@ def test_real_ddp_fit_on_uneven_shards_ends_on_every_rank(tmp_path: Path) -> Non
     counts = [json.loads((tmp_path / f"counts.{rank}").read_text()) for rank in (0, 1)]
     assert [train for train, _ in counts] == [6, 6]
     assert sorted(val for _, val in counts) == [4, 12]
+
+
+def test_seeded_generators_repeat_draws_and_restore_torch_state() -> None:
+    from lightning_mim.data.sources import sample_seed, seeded_generators
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with seeded_generators(sample_seed(3, 1, 7)):
+        first = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(torch.get_rng_state(), before)
+    with seeded_generators(sample_seed(3, 1, 7)):
+        again = (torch.rand(3), random.random(), np.random.rand())
+    with seeded_generators(sample_seed(3, 2, 7)):
+        other_epoch = torch.rand(3)
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    assert not torch.equal(first[0], other_epoch)
+    assert len({sample_seed(0, epoch, index) for epoch in range(4) for index in range(5000)}) == 20000
