@@ -57,3 +57,20 @@ def test_evaluate_writes_both_result_files(tmp_path: Path) -> None:
     assert len(written) == 4 and written[-1]["run"] == "random:mae_micro" and written[-1]["protocol"] == "knn"
     assert written[-1]["config_hash"] == written[0]["config_hash"]
     assert len((results / "results.md").read_text().splitlines()) == 2 + 4
+
+
+def test_evaluate_linear_probe_under_two_process_ddp_writes_one_row(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "mae_micro.yaml"
+    recipe.write_text(RECIPE)
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "lightning_mim.cli", "evaluate", "--ckpt", f"random:{recipe}", "--protocols",
+               "linear", "--results", str(results), *ARGS, "--devices", "2", "--strategy", "ddp"]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "MEMBER: 2/2" in finished.stdout + finished.stderr
+    written = read_rows(results)
+    assert [row["protocol"] for row in written] == ["linear"]
+    assert 0.0 <= float(written[0]["top1"]) <= 100.0

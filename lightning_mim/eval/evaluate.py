@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 import torch
 import yaml
 
@@ -148,8 +149,9 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace) ->
     L.seed_everything(options.seed, verbose=False)
     model = module_class(backbone=encoder.config, num_classes=datamodule.num_classes, pretrained=str(encoder.path),
                          **(recipe.get("model") or {}))
-    trainer = L.Trainer(max_epochs=epochs, accelerator=options.accelerator, devices=1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False,
+    trainer_args |= {"accelerator": options.accelerator, "devices": options.devices, "num_nodes": options.num_nodes,
+                     "strategy": options.strategy}
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=options.progress, num_sanity_val_steps=0,
                         check_val_every_n_epoch=epochs, **trainer_args)
     trainer.fit(model, datamodule=datamodule)
@@ -202,6 +204,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--synthetic-size", type=int, default=None)
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--devices", default="1", help="linear probe / fine-tuning: devices per node (e.g. 8, or -1)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="linear probe / fine-tuning: nodes (DDP)")
+    parser.add_argument("--strategy", default="auto", help="linear probe / fine-tuning: Lightning strategy, e.g. ddp")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show Lightning progress bars")
     parser.add_argument("--results", default="results", help="folder of results.csv and results.md")
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "top5": f"{metrics['top5']:.2f}" if "top5" in metrics else "",
                    "epochs": epochs, "seconds": f"{time.perf_counter() - start:.1f}",
                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            append_results(Path(options.results), [row])
+            if rank_zero_only.rank == 0:  # every DDP rank runs this loop; one writes
+                append_results(Path(options.results), [row])
             rows.append(row)
             print(" | ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     return rows
