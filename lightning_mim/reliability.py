@@ -6,7 +6,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -35,15 +35,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the target folder, flush + fsync, rename over `path`, fsync the folder: a
-    crash at any point leaves either the old file or the new one, never a truncated mix."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(handle)` on a temporary file in the target folder, flush + fsync, rename over `path`, fsync the
+    folder: a crash at any point leaves either the old file or the new one, never a truncated mix. The file gets
+    the permissions a plain `open(path, "wb")` would (mkstemp alone makes it private to the owner)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -51,6 +53,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)` through `atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

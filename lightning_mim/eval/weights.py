@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from timm.models.vision_transformer import VisionTransformer
 
 from lightning_mim.backbone import BackboneConfig
+from lightning_mim.reliability import atomic_write
 
 StateDict = dict[str, torch.Tensor]
 
@@ -272,7 +273,8 @@ def save_encoder(state: Mapping[str, torch.Tensor], config: BackboneConfig, outp
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    save_file(tensors, str(output_path), metadata={"format": "pt", "backbone": json.dumps(config.to_dict())})
+    payload = save(tensors, metadata={"format": "pt", "backbone": json.dumps(config.to_dict())})
+    atomic_write(output_path, lambda handle: handle.write(payload))
     return output_path
 
 

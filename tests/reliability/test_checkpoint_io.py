@@ -1,5 +1,6 @@
 """Atomic checkpoint writes and weights-only loading."""
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,13 @@ def test_failure_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-def test_atomic_save_replaces(tmp_path):
+def test_atomic_save_replaces_with_the_usual_permissions(tmp_path):
     atomic_torch_save({"a": 1}, tmp_path / "x.pt")
     atomic_torch_save({"a": 2}, tmp_path / "x.pt")
     assert safe_load(tmp_path / "x.pt") == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    (tmp_path / "plain").write_bytes(b"")
+    assert stat.S_IMODE((tmp_path / "x.pt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
 
 
 class _Payload:
