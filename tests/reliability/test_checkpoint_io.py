@@ -74,3 +74,12 @@ def test_user_checkpoint_io_plugin_is_kept(tmp_path):
                    "--trainer.plugins", "lightning.fabric.plugins.TorchCheckpointIO"], run=False)
     io = cli.trainer.strategy.checkpoint_io
     assert type(io).__name__ == "TorchCheckpointIO"
+
+
+def test_cli_last_checkpoint_holds_the_final_step_after_an_earlier_save(tmp_path):
+    # 8 steps an epoch, validation every second epoch: saves at steps 8 and 16, the run stops at step 19
+    cli = run_cli(["fit", *MICRO, "--trainer.max_steps", "19", "--trainer.limit_val_batches", "1",
+                   "--trainer.check_val_every_n_epoch", "2", "--trainer.default_root_dir", str(tmp_path),
+                   "--checkpoint.dirpath", str(tmp_path / "ckpt")])
+    assert cli.trainer.global_step == 19
+    assert safe_load(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 19
