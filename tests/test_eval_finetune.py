@@ -145,3 +145,20 @@ def test_eval_recipes(name: str) -> None:
     assert module.optim_config.peak_lr(batch) == pytest.approx(peak)
     if decay is not None:
         assert module.layer_decay == decay
+
+
+def test_posterize_at_magnitude_ten_gives_black_instead_of_a_pillow_error() -> None:
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from lightning_mim.eval.finetune import posterize_zero_bits_black
+
+    model = FineTune(backbone=dict(size="micro", img_size=32, patch_size=4), num_classes=10,
+                     auto_augment="rand-m10-mstd0-inc1")
+    steps = model.train_transform((0.5,) * 3, (0.5,) * 3).transforms
+    augment = next(step for step in steps if isinstance(step, RandAugment))
+    op = next(op for op in augment.ops if op.name == "PosterizeIncreasing")
+    assert op.aug_fn is posterize_zero_bits_black
+    op.prob, op.magnitude_std = 1.0, 0.0
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))

@@ -13,7 +13,10 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
@@ -132,9 +135,24 @@ class FineTune(ClassifierModule):
         rgb = create_transform(self.image_size, is_training=True, color_jitter=None, auto_augment=self.auto_augment,
                                interpolation="bicubic", re_prob=self.re_prob, re_mode="pixel", re_count=1,
                                mean=tuple(mean) * channels, std=tuple(std) * channels)
+        for step in rgb.transforms:
+            if isinstance(step, RandAugment):
+                for op in step.ops:
+                    if op.aug_fn is timm_posterize:
+                        op.aug_fn = posterize_zero_bits_black
         if self.in_chans == 3:
             return rgb
         return transforms.Compose([ToMode("RGB"), rgb, FirstChannel()])
+
+
+def posterize_zero_bits_black(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize, except at 0 bits: timm's 'inc1' posterize reaches 0 bits at magnitude 10 (m9 + mstd noise),
+    which Pillow >= 12 rejects with a ValueError and older Pillow (MAE's setting) turned into a black image."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep < 1:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 class FirstChannel:
