@@ -186,15 +186,18 @@ class MIMMethod(L.LightningModule, abc.ABC):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         """The weighted total loss; None (no backward, no parameter update) when it is NaN/inf on any rank."""
         views, _ = batch
-        # a NaN batch would also poison BatchNorm running statistics in the forward pass: keep them to restore
-        buffers = [buffer.detach().clone() for buffer in self.buffers()]
+        # a NaN batch would also poison BatchNorm running statistics in the forward pass: keep the buffers of the
+        # modules in training mode (the only ones a forward pass updates) to restore
+        training_buffers = [buffer for module in self.modules() if module.training
+                            for buffer in module.buffers(recurse=False)]
+        saved_buffers = [buffer.detach().clone() for buffer in training_buffers]
         losses = self.compute_losses(views)
         total = self.weighted_total(losses)
         batch_size = (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
         self.last_step_skipped = not self._all_ranks_finite(total)
         if self.last_step_skipped:
             with torch.no_grad():
-                for buffer, saved in zip(self.buffers(), buffers):
+                for buffer, saved in zip(training_buffers, saved_buffers):
                     buffer.copy_(saved)
             self.skipped_steps += 1
             self._consecutive_nonfinite += 1
