@@ -14,9 +14,11 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.trainer.states import TrainerFn
 from timm.optim import param_groups_weight_decay
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.nonfinite import NonFiniteStepGuard
 from lightning_mim.reliability import check_same_experiment
 
 
@@ -73,6 +75,13 @@ class OptimConfig:
         return self.base_lr
 
 
+def fused_adamw_available(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for this device type (CUDA and CPU among them). Fused is the default:
+    one kernel over all parameters (measured 6x faster than foreach on a ViT-S-sized set on 2 CPU cores), and it
+    skips a non-finite step on the device (`NonFiniteStepGuard`)."""
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
     """Linear warm-up from 0 to `peak` over `warmup_steps`, then half-cosine from `peak` to `final` at `total_steps`."""
     if step < warmup_steps:
@@ -102,16 +111,32 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, skipped: torch.Tensor | None = None) -> None:
     """teacher <- m * teacher + (1 - m) * student over every state-dict entry, buffers included (BN running
-    statistics); integer buffers (`num_batches_tracked`) are EMA'd and truncated back to their integer type."""
+    statistics); integer buffers (`num_batches_tracked`) are EMA'd and truncated back to their integer type.
+
+    `skipped`, a 0-dim tensor on the teacher's device, leaves the teacher exactly as it is where it is 1 (a
+    skipped optimiser step) without reading the flag on the host."""
     student_state = student.state_dict()
+    floats, sources, integers = [], [], []
     for name, value in teacher.state_dict().items():
         source = student_state[name].detach()
         if value.is_floating_point():
-            value.mul_(momentum).add_(source.to(value.dtype), alpha=1.0 - momentum)
+            floats.append(value)
+            sources.append(source.to(value.dtype))
         else:
-            value.copy_((momentum * value.double() + (1.0 - momentum) * source.double()).to(value.dtype))
+            integers.append((value, source))
+    keep = None if skipped is None else skipped.bool()
+    if floats:
+        if keep is None:
+            torch._foreach_mul_(floats, momentum)
+            torch._foreach_add_(floats, sources, alpha=1.0 - momentum)
+        else:
+            torch._foreach_mul_(floats, torch.where(keep, 1.0, momentum))
+            torch._foreach_add_(floats, torch._foreach_mul(sources, torch.where(keep, 0.0, 1.0 - momentum)))
+    for value, source in integers:
+        updated = (momentum * value.double() + (1.0 - momentum) * source.double()).to(value.dtype)
+        value.copy_(updated if keep is None else torch.where(keep, value, updated))
 
 
 def to_plain(value: Any) -> Any:
@@ -144,9 +169,8 @@ class MIMMethod(L.LightningModule, abc.ABC):
         self.feature_pool = feature_pool
         self.backbone = MIMViT(self.backbone_config)
         self.peak_lr: float | None = None
-        self.last_step_skipped = False
-        self.skipped_steps = 0
-        self._consecutive_nonfinite = 0
+        self.nonfinite = NonFiniteStepGuard(self.optim_config.max_consecutive_nonfinite)
+        self.last_step_skipped: torch.Tensor | None = None
 
     @property
     def image_size(self) -> int:
@@ -178,50 +202,55 @@ class MIMMethod(L.LightningModule, abc.ABC):
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights.get(name, 1.0) * value for name, value in losses.items())
 
-    def _all_ranks_finite(self, total: torch.Tensor) -> bool:
-        """True when the loss is finite on every rank, so all ranks skip (or take) the same steps under DDP."""
-        finite = torch.isfinite(total.detach()).float().reshape(1)
-        return bool(self.all_gather(finite).min() > 0)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        """The weighted total loss; None (no backward, no parameter update) when it is NaN/inf on any rank."""
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The weighted total loss. When it is NaN/inf on any rank the optimiser step is skipped on the device
+        (`NonFiniteStepGuard`); values are logged on logging steps only, so other steps never wait for the device."""
         views, _ = batch
-        # a NaN batch would also poison BatchNorm running statistics in the forward pass: keep the buffers of the
-        # modules in training mode (the only ones a forward pass updates) to restore
-        training_buffers = [buffer for module in self.modules() if module.training
-                            for buffer in module.buffers(recurse=False)]
-        saved_buffers = [buffer.detach().clone() for buffer in training_buffers]
+        saved_buffers = self.nonfinite.snapshot_buffers(self)
         losses = self.compute_losses(views)
         total = self.weighted_total(losses)
-        batch_size = (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
-        self.last_step_skipped = not self._all_ranks_finite(total)
-        if self.last_step_skipped:
-            with torch.no_grad():
-                for buffer, saved in zip(training_buffers, saved_buffers):
-                    buffer.copy_(saved)
-            self.skipped_steps += 1
-            self._consecutive_nonfinite += 1
-        else:
-            self._consecutive_nonfinite = 0
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
-        datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "skipped_samples"):
-            self.log("data/skipped_samples", float(datamodule.skipped_samples), batch_size=batch_size)
-        limit = self.optim_config.max_consecutive_nonfinite
-        if self._consecutive_nonfinite >= limit:
-            raise FloatingPointError(
-                f"the training loss was NaN/inf on {limit} consecutive steps (global step {self.global_step}): "
-                f"stopping. Lower optim.lr or check the data; optim.max_consecutive_nonfinite sets this limit")
-        if self.last_step_skipped:
-            return None
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
-        for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, batch_size=batch_size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        self.nonfinite.observe(total, saved_buffers, self.all_gather)
+        if self.is_logging_step():
+            batch_size = (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
+            # a CPU copy for the progress bar: Lightning converts its values to numbers after every batch
+            self.log("train/loss", total.detach().cpu(), prog_bar=True, batch_size=batch_size)
+            for name, value in losses.items():
+                self.log(f"train/loss_{name}", value, batch_size=batch_size)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+            datamodule = self.trainer.datamodule
+            if datamodule is not None and hasattr(datamodule, "skipped_samples"):
+                self.log("data/skipped_samples", float(datamodule.skipped_samples), batch_size=batch_size)
         return total
 
+    def is_logging_step(self) -> bool:
+        """True on the training steps whose metrics Lightning writes (every `trainer.log_every_n_steps`)."""
+        trainer = self.trainer
+        return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+
+    def on_after_backward(self) -> None:
+        self.nonfinite.after_backward()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite.before_optimizer_step(optimizer)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.last_step_skipped = self.nonfinite.after_optimizer_step(getattr(optimizer, "optimizer", optimizer))
+        if self.is_logging_step():
+            self.nonfinite.check_limit(self.global_step)
+            count = self.nonfinite.count_tensor()
+            if count is not None:
+                self.log("train/skipped_steps", count + self.nonfinite.restored_count)
+
+    def on_train_end(self) -> None:
+        self.nonfinite.check_limit(self.global_step)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.nonfinite.skipped_steps
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["skipped_steps"] = self.nonfinite.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming `fit` requires the checkpoint's configuration (see `check_same_experiment`)."""
@@ -229,7 +258,8 @@ class MIMMethod(L.LightningModule, abc.ABC):
             datamodule = self.trainer.datamodule
             check_same_experiment(checkpoint, dict(self.hparams),
                                   dict(datamodule.hparams) if datamodule is not None else None)
-        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self.nonfinite = NonFiniteStepGuard(self.optim_config.max_consecutive_nonfinite)
+        self.nonfinite.restored_count = int(checkpoint.get("skipped_steps", 0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, _ = batch
@@ -269,7 +299,7 @@ class MIMMethod(L.LightningModule, abc.ABC):
             self.peak_lr = config.peak_lr(self.effective_batch_size())
         else:
             self.peak_lr = config.lr
-        fused = config.fused if config.fused is not None else self.device.type == "cuda"
+        fused = config.fused if config.fused is not None else fused_adamw_available(self.device)
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.peak_lr, betas=config.betas, eps=config.eps,
                                       fused=fused)
         total, warmup, peak = self.total_steps(), self.warmup_steps(), self.peak_lr

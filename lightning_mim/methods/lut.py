@@ -198,9 +198,10 @@ class LUT(MAE):
         return super().training_step(batch, batch_idx)
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher <- m * teacher + (1 - m) * student over every state-dict entry, BN buffers included."""
-        ema_update_(self.teacher, self._teacher_source(), momentum)
+    def update_teacher(self, momentum: float, skipped: torch.Tensor | None = None) -> None:
+        """teacher <- m * teacher + (1 - m) * student over every state-dict entry, BN buffers included; unchanged
+        where `skipped` (the optimiser step's device-side flag) is 1."""
+        ema_update_(self.teacher, self._teacher_source(), momentum, skipped)
 
     def momentum_horizon(self) -> int:
         """T of the momentum schedule in micro-batches: epochs * len(loader), or max_steps * accumulation when the
@@ -219,9 +220,8 @@ class LUT(MAE):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.last_step_skipped:
-            return
         index = epoch * self.trainer.num_training_batches + batch_idx
         momentum = cosine_momentum(index, self.momentum_horizon(), self.momentum_base, self.momentum_final)
-        self.update_teacher(momentum)
-        self.log("train/teacher_momentum", momentum)
+        self.update_teacher(momentum, skipped=self.last_step_skipped)
+        if self.is_logging_step():
+            self.log("train/teacher_momentum", momentum)

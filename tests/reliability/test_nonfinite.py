@@ -1,4 +1,5 @@
-"""A NaN/inf loss skips the optimiser step (and LUT's teacher update); too many in a row stop the run."""
+"""A NaN/inf loss skips the optimiser step (and LUT's teacher update) on the device; too many in a row stop the run
+at the next logging step."""
 import math
 
 import lightning as L
@@ -9,8 +10,8 @@ from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import LUT, MAE
 
 
-def micro(method: type, max_nonfinite: int = 20) -> L.LightningModule:
-    optim = dict(lr=1e-3, min_lr=1e-3, warmup_steps=0, max_consecutive_nonfinite=max_nonfinite)
+def micro(method: type, max_nonfinite: int = 20, fused: bool | None = None) -> L.LightningModule:
+    optim = dict(lr=1e-3, min_lr=1e-3, warmup_steps=0, max_consecutive_nonfinite=max_nonfinite, fused=fused)
     extra = dict(head_hidden_dim=32) if method is LUT else {}
     return method(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32, decoder_depth=1,
                   decoder_heads=2, optim=optim, **extra)
@@ -48,28 +49,49 @@ class PoisonBatches(L.Callback):
             self.teacher_changed[batch_idx] = not torch.equal(self.teacher_before, self._snapshot(pl_module.teacher))
 
 
-def fit(model: L.LightningModule, callback: PoisonBatches, steps: int) -> L.Trainer:
+def fit(model: L.LightningModule, callback: PoisonBatches, steps: int, log_every_n_steps: int = 50,
+        accumulate: int = 1) -> L.Trainer:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        max_steps=steps, callbacks=[callback])
+                        max_steps=steps, callbacks=[callback], log_every_n_steps=log_every_n_steps,
+                        accumulate_grad_batches=accumulate)
     trainer.fit(model, datamodule=synthetic())
     return trainer
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 @pytest.mark.parametrize("method", [MAE, LUT], ids=["MAE", "LUT"])
-def test_nan_batch_is_skipped_and_run_continues(method):
+def test_nan_batch_is_skipped_and_run_continues(method, fused):
     callback = PoisonBatches({2, 3})
-    model = micro(method)
-    trainer = fit(model, callback, steps=6)
+    model = micro(method, fused=fused)
+    trainer = fit(model, callback, steps=6, log_every_n_steps=5)
+    assert trainer.optimizers[0].defaults["fused"] is fused
     assert callback.changed == {0: True, 1: True, 2: False, 3: False, 4: True, 5: True}
     if method is LUT:
         assert callback.teacher_changed == {0: True, 1: True, 2: False, 3: False, 4: True, 5: True}
     assert model.skipped_steps == 2
-    assert trainer.callback_metrics["train/skipped_steps"].item() == 2
+    assert trainer.callback_metrics["train/skipped_steps"].item() == 2  # logged at step 5
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = trainer.optimizers[0].state
+    assert {int(state[p]["step"]) for p in model.parameters() if p.requires_grad} == {4}
 
 
-def test_consecutive_nan_batches_stop_the_run():
+def test_a_nan_micro_batch_skips_its_whole_accumulation_window():
+    callback = PoisonBatches({3})  # the second micro-batch of the second window
+    model = micro(MAE)
+    fit(model, callback, steps=3, accumulate=2)
+    assert callback.changed == {0: False, 1: True, 2: False, 3: False, 4: False, 5: True}
+    assert model.skipped_steps == 1
+
+
+def test_consecutive_nan_batches_stop_the_run_at_a_logging_step():
     callback = PoisonBatches({1, 2, 3, 4})
     with pytest.raises(FloatingPointError, match="NaN/inf on 3 consecutive steps"):
-        fit(micro(MAE, max_nonfinite=3), callback, steps=8)
+        fit(micro(MAE, max_nonfinite=3), callback, steps=8, log_every_n_steps=1)
+    assert max(callback.changed) == 2  # stopped inside batch 3, the third NaN batch in a row
+
+
+def test_consecutive_nan_batches_are_reported_at_the_end_of_a_run_without_logging_step():
+    callback = PoisonBatches({1, 2, 3, 4})
+    with pytest.raises(FloatingPointError, match="NaN/inf on 4 consecutive steps"):
+        fit(micro(MAE, max_nonfinite=3), callback, steps=6, log_every_n_steps=50)
