@@ -19,8 +19,9 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 class NonFiniteStepGuard:
     """Per optimiser step: `saved = snapshot_buffers(module)` before the forward pass, `observe(loss, saved, gather)`
     after it and `after_backward()` after its backward pass (every micro-batch of an accumulation window),
-    `before_optimizer_step(optimizer)` once the gradients are reduced, `after_optimizer_step(optimizer)` after the step, which returns the step's skip flag as a 0-dim float
-    tensor (1.0 = skipped) for gating other updates (an EMA teacher) on the device.
+    `before_optimizer_step(optimizer)` once the gradients are reduced, `after_optimizer_step(optimizer)` after the
+    step, which returns the step's skip flag as a 0-dim float tensor (1.0 = skipped) for gating other updates (an
+    EMA teacher) on the device.
 
     A step is skipped on every rank when the loss is non-finite on any rank (`gather` is the module's `all_gather`)
     or on any micro-batch of the window. BatchNorm-style buffers that a non-finite forward pass changed are put back.

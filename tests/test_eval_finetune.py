@@ -87,7 +87,7 @@ def test_finetune_fits_with_mixup_layer_decay_and_ema() -> None:
     data.setup("fit")
     model = FineTune(MICRO, num_classes=data.num_classes, layer_decay=0.5, ema_decay=0.9,
                      optim={"lr": 1e-3, "warmup_steps": 2})
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", log_every_n_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=data)
     assert {"val/top1", "val/top5", "val_ema/top1", "train/loss", "train/lr"} <= set(trainer.callback_metrics)

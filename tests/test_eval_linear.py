@@ -52,7 +52,7 @@ def test_probe_fits_with_lightning_and_logs_metrics() -> None:
     data.setup("fit")
     probe = LinearProbe(MICRO, num_classes=data.num_classes, optim={"warmup_epochs": 1})
     check = _EncoderModeCheck()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", log_every_n_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[check])
     trainer.fit(probe, datamodule=data)
     assert check.seen == 8

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import LUT, MAE
+from lightning_mim.methods.base import is_logging_step
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
               torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
@@ -101,7 +102,7 @@ class CudaSyncIsAnError(L.Callback):
     """CUDA's own check: every synchronising call raises, from the start of a non-logging step to its end."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if not pl_module.is_logging_step():
+        if not is_logging_step(trainer):
             torch.cuda.set_sync_debug_mode("error")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.eval.weights import load_encoder_state, load_into
-from lightning_mim.methods.base import OptimConfig, to_plain, warmup_cosine
+from lightning_mim.methods.base import OptimConfig, is_logging_step, to_plain, warmup_cosine
 
 
 class ClassifierModule(L.LightningModule, abc.ABC):
@@ -58,10 +58,12 @@ class ClassifierModule(L.LightningModule, abc.ABC):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = self.training_loss(images, labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        # the lr of the groups at scale 1 (the head under layer decay)
-        lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
-        self.log("train/lr", lr, batch_size=images.shape[0])
+        if is_logging_step(self.trainer):
+            # a host copy for the progress bar, which Lightning turns into a number after every batch
+            self.log("train/loss", loss.detach().cpu(), prog_bar=True, batch_size=images.shape[0])
+            # the lr of the groups at scale 1 (the head under layer decay)
+            lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
+            self.log("train/lr", lr, batch_size=images.shape[0])
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

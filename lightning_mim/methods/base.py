@@ -82,6 +82,13 @@ def fused_adamw_available(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
+def is_logging_step(trainer: L.Trainer) -> bool:
+    """True on the training steps whose metrics Lightning writes (every `trainer.log_every_n_steps`). Training
+    steps log only then: a value logged on other steps would be read on the host (a device synchronisation) or, for
+    a Python number, copied to the device, for nothing."""
+    return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, final: float = 0.0) -> float:
     """Linear warm-up from 0 to `peak` over `warmup_steps`, then half-cosine from `peak` to `final` at `total_steps`."""
     if step < warmup_steps:
@@ -210,7 +217,7 @@ class MIMMethod(L.LightningModule, abc.ABC):
         losses = self.compute_losses(views)
         total = self.weighted_total(losses)
         self.nonfinite.observe(total, saved_buffers, self.all_gather)
-        if self.is_logging_step():
+        if is_logging_step(self.trainer):
             batch_size = (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
             # a CPU copy for the progress bar: Lightning converts its values to numbers after every batch
             self.log("train/loss", total.detach().cpu(), prog_bar=True, batch_size=batch_size)
@@ -222,11 +229,6 @@ class MIMMethod(L.LightningModule, abc.ABC):
                 self.log("data/skipped_samples", float(datamodule.skipped_samples), batch_size=batch_size)
         return total
 
-    def is_logging_step(self) -> bool:
-        """True on the training steps whose metrics Lightning writes (every `trainer.log_every_n_steps`)."""
-        trainer = self.trainer
-        return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
-
     def on_after_backward(self) -> None:
         self.nonfinite.after_backward()
 
@@ -236,7 +238,7 @@ class MIMMethod(L.LightningModule, abc.ABC):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.last_step_skipped = self.nonfinite.after_optimizer_step(getattr(optimizer, "optimizer", optimizer))
-        if self.is_logging_step():
+        if is_logging_step(self.trainer):
             self.nonfinite.check_limit(self.global_step)
             count = self.nonfinite.count_tensor()
             if count is not None:

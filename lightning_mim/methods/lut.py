@@ -38,7 +38,8 @@ from lightning_mim.backbone import BackboneConfig
 from lightning_mim.heads import ProjectionMLP
 from lightning_mim.losses import byol_loss, masked_mse
 from lightning_mim.masking import check_paired_mask_ratio, paired_disjoint_masking
-from lightning_mim.methods.base import OptimConfig, check_momentum, cosine_momentum, ema_update_, make_teacher
+from lightning_mim.methods.base import (OptimConfig, check_momentum, cosine_momentum, ema_update_, is_logging_step,
+                                        make_teacher)
 from lightning_mim.methods.mae import MAE
 
 
@@ -223,5 +224,5 @@ class LUT(MAE):
         index = epoch * self.trainer.num_training_batches + batch_idx
         momentum = cosine_momentum(index, self.momentum_horizon(), self.momentum_base, self.momentum_final)
         self.update_teacher(momentum, skipped=self.last_step_skipped)
-        if self.is_logging_step():
+        if is_logging_step(self.trainer):
             self.log("train/teacher_momentum", momentum)

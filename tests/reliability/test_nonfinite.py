@@ -8,6 +8,7 @@ import torch
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import LUT, MAE
+from lightning_mim.nonfinite import NonFiniteStepGuard
 
 
 def micro(method: type, max_nonfinite: int = 20, fused: bool | None = None) -> L.LightningModule:
@@ -95,3 +96,33 @@ def test_consecutive_nan_batches_are_reported_at_the_end_of_a_run_without_loggin
     callback = PoisonBatches({1, 2, 3, 4})
     with pytest.raises(FloatingPointError, match="NaN/inf on 4 consecutive steps"):
         fit(micro(MAE, max_nonfinite=3), callback, steps=6, log_every_n_steps=50)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_guard_restores_batchnorm_statistics_and_skips_the_update(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused, foreach=None if fused else True)
+    guard = NonFiniteStepGuard(limit=5)
+
+    def step(inputs):
+        saved = guard.snapshot_buffers(model)
+        loss = model(inputs).square().mean()
+        guard.observe(loss, saved)
+        loss.backward()
+        guard.after_backward()
+        guard.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return guard.after_optimizer_step(optimizer)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert step(torch.full((8, 4), math.nan)).item() == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "found_inf" not in optimizer.__dict__
+    assert step(torch.randn(8, 4)).item() == 0.0
+    after = model.state_dict()
+    assert not torch.equal(before["1.running_mean"], after["1.running_mean"])
+    assert not torch.equal(before["0.weight"], after["0.weight"])
+    assert after["1.num_batches_tracked"].item() == 1  # the skipped forward pass's increment was put back
+    assert guard.skipped_steps == 1
