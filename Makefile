@@ -42,8 +42,8 @@ test: install
 
 # Train-step throughput, memory, FLOPs and data-pipeline speed of every method (benchmarks/README.md; GPU commands there)
 bench: install
-	$(BIN)/python -m benchmarks.bench --methods all --size small --img-size 224 --patch-size 16 --batch 16 \
-	    --steps 3 --warmup 1 --data imagefolder,webdataset --workers 1 --device cpu --out benchmarks/results/cpu_vit_s16
+	$(BIN)/python -m benchmarks.bench --methods all --size small --img-size 224 --patch-size 16 --batch 32 \
+	    --steps 5 --warmup 2 --data imagefolder,webdataset --workers 1 --device cpu --out benchmarks/results/cpu_vit_s16
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(RUN)

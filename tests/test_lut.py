@@ -9,6 +9,7 @@ import torch.nn as nn
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image, ImageFilter
+from torchvision.transforms import v2
 
 from lightning_mim.cli import run_cli
 from lightning_mim.data import MIMDataModule
@@ -284,6 +285,21 @@ def test_two_views_for_rgb_and_grey_images():
     assert np.array_equal(np.asarray(choice.transforms[1](Image.new("L", (1, 2), 128))), [[127], [127]])
     blurred = RandomGaussianBlur()(rgb, radius=1.5)
     assert np.array_equal(np.asarray(blurred), np.asarray(rgb.filter(ImageFilter.GaussianBlur(1.5))))
+
+
+def test_views_resized_once_equal_views_resized_each():
+    """The paper's pipeline resizes inside each view; the resize draws nothing at random, so doing it once for both
+    views gives the same outputs for the same random draws."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    views = LUTViews(32, (0.5,) * 3, (0.25,) * 3)
+    resize = v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC)
+    per_view = (v2.Compose([resize, views.view1]), v2.Compose([resize, views.view2]))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        shared = views(image)
+        torch.manual_seed(seed)
+        separate = (per_view[0](image), per_view[1](image))
+        assert all(torch.equal(a, b) for a, b in zip(shared, separate))
 
 
 def test_validation_reconstruction_and_features():

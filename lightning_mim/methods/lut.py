@@ -69,11 +69,9 @@ class LUTViews:
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         colour = len(mean) == 3
-        crop = v2.Compose([
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC),
-            v2.RandomCrop(image_size, padding=4, padding_mode="reflect"),
-            v2.RandomHorizontalFlip(),
-        ])
+        # the resize draws nothing at random, so both views share one (the slowest op of view 1)
+        self.resize = v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC)
+        crop = v2.Compose([v2.RandomCrop(image_size, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()])
         to_tensor = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
         jitter = v2.ColorJitter(0.4, 0.4, 0.2, 0.1) if colour else v2.ColorJitter(0.4, 0.4)
         grayscale = v2.Grayscale(num_output_channels=3) if colour else v2.Identity()
@@ -86,7 +84,8 @@ class LUTViews:
         ])
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view1(image), self.view2(image)
+        resized = self.resize(image)
+        return self.view1(resized), self.view2(resized)
 
 
 def broader_context_loss(prediction1: torch.Tensor, prediction2: torch.Tensor, target1: torch.Tensor,
