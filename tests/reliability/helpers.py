@@ -47,3 +47,37 @@ class Announce(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             open(self.path, "w").close()
+
+
+class PoisonOnRank(L.Callback):
+    """Rank `rank` turns its images into NaN at the start of step `step`."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+class RecordParameterChanges(L.Callback):
+    """Writes `<path>.<rank>`: one line a step, `step changed sum`, whether the parameters changed in the step and
+    their sum after it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @staticmethod
+    def _flat(pl_module):
+        import torch
+
+        return torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = self._flat(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        after = self._flat(pl_module)
+        with open(f"{self.path}.{trainer.global_rank}", "a") as handle:
+            handle.write(f"{trainer.global_step} {int(not bool((after == self.before).all()))} "
+                         f"{float(after.double().sum()):.12g}\n")
