@@ -116,3 +116,47 @@ def test_tiny_bench_markdown_has_one_row_per_method(tiny_report: tuple[dict, str
     table = markdown.split("\n\n")[2].splitlines()
     assert table[0].startswith("| method | params (M) |")
     assert sorted(line.split("|")[1].strip() for line in table[2:]) == methods
+
+
+def test_saved_storage_bytes_counts_what_autograd_keeps() -> None:
+    from benchmarks.memory import saved_storage_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    inputs = torch.randn(4, 16)
+    # the first Linear keeps its input (for its weight's gradient), GELU its input, the second Linear its input
+    expected = 4 * 16 * 4 + 4 * 32 * 4 + 4 * 32 * 4
+    assert saved_storage_bytes(lambda: model(inputs), model.parameters()) == expected
+    # a checkpointed block saves nothing inside; its input is what the checkpoint keeps
+    block = model[1:]
+    hidden = model[0](inputs)
+
+    def checkpointed() -> None:
+        torch.utils.checkpoint.checkpoint(block, hidden, use_reentrant=False)
+
+    assert saved_storage_bytes(checkpointed, model.parameters(), [block]) == 4 * 32 * 4
+
+
+def test_memory_estimate_is_linear_in_the_batch_and_smaller_with_checkpointing(tmp_path: Path) -> None:
+    from benchmarks.memory import main as memory_main
+
+    common = ["--methods", "all", "--size", "micro", "--img-size", "32", "--patch-size", "4", "--precision", "32",
+              "--method-args", '{"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 4, "head_hidden_dim": 128}',
+              "--batches", "8,16,32"]
+    plain = memory_main([*common, "--out", str(tmp_path)])
+    checkpointed = memory_main([*common, "--grad-checkpointing"])
+    assert set(plain) == set(available_methods())
+    for name, row in plain.items():
+        method = available_methods()[name](backbone=dict(size="micro", img_size=32, patch_size=4), decoder_dim=64,
+                                           decoder_depth=1, decoder_heads=4,
+                                           **({"head_hidden_dim": 128} if name == "lut" else {}))
+        trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in method.parameters() if not p.requires_grad)
+        buffer_bytes = sum(b.numel() * b.element_size() for b in method.buffers())
+        assert row["static_gib"] * 2**30 == 16 * trainable + 4 * frozen + buffer_bytes
+        estimates = row["estimated_gib"]
+        assert estimates[32] - estimates[16] == pytest.approx(2 * (estimates[16] - estimates[8]))
+        assert row["activations_mib_per_image"] > 0
+        assert checkpointed[name]["activations_mib_per_image"] < row["activations_mib_per_image"]
+    assert "estimate at batch 32" in (tmp_path / "memory.md").read_text()
+    assert json.loads((tmp_path / "memory.json").read_text())["methods"].keys() == plain.keys()
