@@ -81,10 +81,10 @@ class NonFiniteStepGuard:
     @torch.no_grad()
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         skipped, self._pending = self._pending, None
-        if optimizer.__dict__.get("found_inf") is skipped:
-            del optimizer.found_inf
         if skipped is None:
             return None
+        if optimizer.__dict__.get("found_inf") is skipped:
+            del optimizer.found_inf
         if self._count is None:
             self._count, self._run, self._worst = (torch.zeros_like(skipped) for _ in range(3))
         self._count += skipped
