@@ -31,7 +31,6 @@ import lightning_mim.methods as methods_module
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
 from lightning_mim.methods import MIMMethod
-from lightning_mim.methods.base import fused_adamw_available
 
 CPU_TARGET_RATIO = 0.5
 FLOP_COUNT_BATCH = 2  # >= 2: BatchNorm in train mode (LUT heads) needs two samples
@@ -188,7 +187,7 @@ def set_grad_checkpointing(method: MIMMethod, enabled: bool) -> None:
 def make_optimizer(method: MIMMethod, device: torch.device) -> torch.optim.AdamW:
     """AdamW on the method's parameter groups, fused as its `configure_optimizers` decides, else foreach."""
     config = method.optim_config
-    fused = config.fused if config.fused is not None else fused_adamw_available(device)
+    fused = config.fused_on(device)
     return torch.optim.AdamW(method.parameter_groups(), lr=1e-4, betas=config.betas, eps=config.eps, fused=fused,
                              foreach=None if fused else True)
 

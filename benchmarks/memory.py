@@ -93,8 +93,7 @@ def estimate(method: MIMMethod, batches: list[int], device: torch.device, bf16: 
     }
 
 
-def to_markdown(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
-    batches = [int(batch) for batch in args.batches.split(",")]
+def to_markdown(rows: dict[str, dict[str, Any]], batches: list[int], args: argparse.Namespace) -> str:
     lines = [f"# Training-memory estimate: ViT-{args.size}/{args.patch_size} at {args.img_size} px, "
              f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, gradient checkpointing "
              f"{'on' if args.grad_checkpointing else 'off'} (saved tensors, not a GPU measurement)", "",
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         set_grad_checkpointing(method, args.grad_checkpointing)
         rows[name] = estimate(method, batches, torch.device(args.device), args.precision == "bf16")
         del method
-    text = to_markdown(rows, args)
+    text = to_markdown(rows, batches, args)
     print(text, end="")
     if args.out:
         out = Path(args.out)

@@ -44,8 +44,11 @@ class NonFiniteStepGuard:
 
     @staticmethod
     def snapshot_buffers(module: nn.Module) -> SavedBuffers:
-        """Copies of the buffers of the modules in training mode: the only ones a forward pass updates."""
-        return [(buffer, buffer.detach().clone()) for submodule in module.modules() if submodule.training
+        """Copies of the running statistics of the normalisation layers in training mode (BatchNorm, SyncBatchNorm,
+        InstanceNorm with `track_running_stats`): the only buffers a forward pass updates. Fixed tables (sin-cos
+        positions) are left out, so the hot path copies nothing for a plain ViT."""
+        return [(buffer, buffer.detach().clone()) for submodule in module.modules()
+                if submodule.training and getattr(submodule, "track_running_stats", False)
                 for buffer in submodule.buffers(recurse=False)]
 
     @torch.no_grad()
@@ -93,13 +96,15 @@ class NonFiniteStepGuard:
         return skipped
 
     def count_tensor(self) -> torch.Tensor | None:
-        """The skipped steps since the guard was built, on the device (no synchronisation)."""
-        return self._count
+        """All skipped steps of the run, those before a resume included, on the device (no synchronisation);
+        None before the first step."""
+        return None if self._count is None else self._count + self.restored_count
 
     @property
     def skipped_steps(self) -> int:
         """All skipped steps of the run, those before a resume included (synchronises)."""
-        return self.restored_count + (0 if self._count is None else int(self._count.item()))
+        count = self.count_tensor()
+        return self.restored_count if count is None else int(count.item())
 
     def check_limit(self, global_step: int) -> None:
         """Raise when some `limit` consecutive steps were skipped since the start (synchronises)."""

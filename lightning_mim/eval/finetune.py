@@ -28,7 +28,7 @@ from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data.sources import ToMode
 from lightning_mim.eval.linear import ClassifierModule
 from lightning_mim.eval.weights import load_encoder_state, load_into
-from lightning_mim.methods.base import OptimConfig, fused_adamw_available, to_plain
+from lightning_mim.methods.base import OptimConfig, to_plain
 
 
 def finetune_optim(**overrides: Any) -> OptimConfig:
@@ -120,8 +120,8 @@ class FineTune(ClassifierModule):
 
     def build_optimizer(self, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         config = self.optim_config
-        fused = config.fused if config.fused is not None else fused_adamw_available(self.device)
-        return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps, fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps,
+                                 fused=config.fused_on(self.device))
 
     def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
         """MAE / LUT fine-tuning views through timm's `create_transform`: bicubic RandomResizedCrop, flip,
