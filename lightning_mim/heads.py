@@ -53,12 +53,22 @@ class MAEDecoder(nn.Module):
 
 
 class ProjectionMLP(nn.Sequential):
-    """BYOL-style MLP: Linear(in, hidden, no bias) -> BatchNorm1d -> ReLU -> Linear(hidden, out, no bias), with
-    xavier-uniform Linears (LUT's projector and predictor; 768 -> 4096 -> 768 has 6,299,648 parameters).
+    """BYOL / MoCo v3 MLP: `num_layers` Linears without bias, each but the last followed by BatchNorm1d and ReLU,
+    xavier-uniform. Two layers is BYOL's (LUT's projector and predictor; 768 -> 4096 -> 768 has 6,299,648
+    parameters); MoCo v3's ViT projector is three layers with `last_bn` (a BatchNorm without affine parameters on
+    the output), its predictor two without.
 
     BatchNorm normalises over the batch it is called with, so call it once per view to keep per-view statistics."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim, bias=False))
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False) -> None:
+        if num_layers < 2:
+            raise ValueError(f"a projection MLP needs at least 2 layers, got {num_layers}")
+        layers: list[nn.Module] = []
+        for index in range(num_layers - 1):
+            layers += [nn.Linear(in_dim if index == 0 else hidden_dim, hidden_dim, bias=False),
+                       nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(hidden_dim, out_dim, bias=False))
+        if last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        super().__init__(*layers)
         init_mae_weights(self)

@@ -19,6 +19,28 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SimMIM's loss: absolute error summed over the pixels and channels of masked patches (mask = 1), divided by
+    their count (masked patches x P), i.e. the mean L1 over masked pixels and channels. pred/target (B, L, P)."""
+    per_patch = (pred.float() - target.float()).abs().sum(dim=-1)
+    mask = mask.float()
+    return (per_patch * mask).sum() / (mask.sum() * pred.shape[-1]).clamp_min(1.0)
+
+
+def info_nce(query: torch.Tensor, keys: torch.Tensor, temperature: float, label_offset: int = 0,
+             scale_2tau: bool = False) -> torch.Tensor:
+    """MoCo v3's InfoNCE: cross-entropy of the cosine similarities q_i . k_j / temperature, the positive of query i
+    being key `label_offset + i` (keys gathered over ranks: offset = rank x local batch). keys are detached.
+    `scale_2tau` multiplies by 2 x temperature as MoCo v3's code does. query (..., B, D), keys (..., B_all, D):
+    leading dimensions are independent problems (ConMIM's per-image patch contrast), averaged."""
+    query = torch.nn.functional.normalize(query.float(), dim=-1)
+    keys = torch.nn.functional.normalize(keys.detach().float(), dim=-1)
+    logits = query @ keys.transpose(-1, -2) / temperature
+    labels = torch.arange(query.shape[-2], device=query.device) + label_offset
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.expand(logits.shape[:-1]).flatten())
+    return loss * (2.0 * temperature) if scale_2tau else loss
+
+
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over samples of 2 - 2 cos(prediction, target) (BYOL's normalised MSE), in [0, 4]; the target is
     detached. prediction/target (N, D)."""

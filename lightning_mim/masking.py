@@ -42,6 +42,59 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, noise: 
     return RandomMask(shuffle_idx[:, :num_keep], mask, restore_idx, shuffle_idx)
 
 
+def _check_cells(grid_size: tuple[int, int], cell: int, what: str) -> tuple[int, int]:
+    grid_h, grid_w = grid_size
+    if cell < 1 or grid_h % cell or grid_w % cell:
+        raise ValueError(f"{what}: a cell of {cell} x {cell} patches does not tile the {grid_h} x {grid_w} patch grid; "
+                         f"pick an image size whose patch grid is a multiple of {cell}, or another mask cell size")
+    return grid_h // cell, grid_w // cell
+
+
+def _upsample_cells(cells: torch.Tensor, cell: int) -> torch.Tensor:
+    """(B, h, w) cell values -> (B, h * cell * w * cell) patch values in raster order."""
+    return cells.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2).flatten(1)
+
+
+def simmim_masking(batch_size: int, grid_size: tuple[int, int], cell: int, mask_ratio: float,
+                   noise: torch.Tensor | None = None, device: torch.device | str | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """SimMIM's random masking of `cell` x `cell` patch groups (its mask patch size over the ViT patch size):
+    ceil(cells * mask_ratio) cells per image are masked, those with the smallest noise (a uniform random subset, as
+    the official permutation draws it). noise: (B, cells) in the cells' raster order. Returns (B, L) float."""
+    check_mask_ratio(mask_ratio)
+    cells_h, cells_w = _check_cells(grid_size, cell, "SimMIM masking")
+    num_cells = cells_h * cells_w
+    if noise is None:
+        noise = torch.rand(batch_size, num_cells, device=device, generator=generator)
+    elif noise.shape != (batch_size, num_cells):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({batch_size}, {num_cells})")
+    num_masked = math.ceil(num_cells * mask_ratio)
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    cells = (rank < num_masked).float().view(batch_size, cells_h, cells_w)
+    return _upsample_cells(cells, cell)
+
+
+def checkerboard_mask(grid_size: tuple[int, int], cell: int = 1, phase: int = 0) -> torch.Tensor:
+    """SymMIM's fixed checkerboard: M(i, j) = (i // cell + j // cell + phase) mod 2 over the patch grid, (L,) float.
+    cell 1 is the small-scale mask M1, cell k the large-scale M2."""
+    _check_cells(grid_size, cell, "checkerboard mask")
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
+    return ((rows // cell + cols // cell + phase) % 2).float().flatten()
+
+
+def checkerboard_masking(batch_size: int, grid_size: tuple[int, int], cell: int = 1,
+                         phase: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """The checkerboard for a batch, (B, L). `phase` (B,) of 0 / 1 flips each image's mask to its complement where
+    1 (SymMIM's `mask_phase="random"`); None keeps the formula's fixed phase for every image."""
+    mask = checkerboard_mask(grid_size, cell).to(device).expand(batch_size, -1)
+    if phase is None:
+        return mask
+    if phase.shape != (batch_size,):
+        raise ValueError(f"phase has shape {tuple(phase.shape)}, expected ({batch_size},)")
+    flip = phase.to(mask.dtype).unsqueeze(1)
+    return mask + flip - 2.0 * mask * flip
+
+
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """tokens (B, L, D), index (B, K) -> (B, K, D)."""
     return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

@@ -2,5 +2,7 @@
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 from lightning_mim.methods.lut import LUT
 from lightning_mim.methods.mae import MAE
+from lightning_mim.methods.simmim import SimMIM
+from lightning_mim.methods.symmim import SymMIM
 
-__all__ = ["LUT", "MAE", "MIMMethod", "OptimConfig"]
+__all__ = ["LUT", "MAE", "MIMMethod", "OptimConfig", "SimMIM", "SymMIM"]

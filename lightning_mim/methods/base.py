@@ -29,7 +29,9 @@ class OptimConfig:
     The peak lr is `lr` when given, else `base_lr` scaled by the effective batch (per-device batch x devices x
     nodes x gradient accumulation): `lr_scaling="linear"` gives base_lr * eff / lr_reference_batch (MAE, 256),
     `"sqrt"` gives base_lr * sqrt(eff / lr_reference_batch) (LUT: reference 16 in pre-training, i.e. sqrt(eff)/4).
-    Warm-up is `warmup_steps` optimiser steps when given, else `warmup_epochs` epochs.
+    Warm-up is `warmup_steps` optimiser steps when given, else `warmup_epochs` epochs. After it, `schedule="cosine"`
+    decays to `min_lr` at the last step; `"multistep"` keeps the peak and multiplies it by `decay_rate` at each of
+    `decay_epochs` (SimMIM: x 0.1 at epoch 700 of 800).
     """
 
     base_lr: float = 1.5e-4
@@ -43,6 +45,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     no_weight_decay: tuple[str, ...] = ()
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    decay_epochs: tuple[float, ...] = ()
+    decay_rate: float = 0.1
     fused: bool | None = None
     max_consecutive_nonfinite: int = 20
 
@@ -60,10 +65,17 @@ class OptimConfig:
                              f"warmup_steps={self.warmup_steps}")
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        if self.schedule not in ("cosine", "multistep"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: choose 'cosine' or 'multistep'")
+        if self.schedule == "multistep" and (not self.decay_epochs or min(self.decay_epochs) <= 0):
+            raise ValueError(f"schedule 'multistep' needs positive decay_epochs (e.g. [700]), got {self.decay_epochs}")
+        if not 0.0 < self.decay_rate <= 1.0:
+            raise ValueError(f"optim.decay_rate must lie in (0, 1], got {self.decay_rate}")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"optim.max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
         self.betas = tuple(self.betas)
         self.no_weight_decay = tuple(self.no_weight_decay)
+        self.decay_epochs = tuple(sorted(self.decay_epochs))
 
     def fused_on(self, device: torch.device) -> bool:
         """`fused`, or by default whether torch has a fused AdamW kernel for this device type (CUDA and CPU among
@@ -96,6 +108,13 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, f
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_multistep(step: int, warmup_steps: int, peak: float, milestones: tuple[int, ...], rate: float) -> float:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then `peak * rate ** (milestones passed)`."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    return peak * rate ** sum(step >= milestone for milestone in milestones)
+
+
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """Teacher momentum, cosine from `base` at step 0 to `final` at `total_steps` (BYOL / DINO / LUT)."""
     check_momentum(base, final)
@@ -117,15 +136,18 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, skipped: torch.Tensor | None = None) -> None:
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float, skipped: torch.Tensor | None = None,
+                buffers: bool = True) -> None:
     """teacher <- m * teacher + (1 - m) * student over every state-dict entry, buffers included (BN running
     statistics); integer buffers (`num_batches_tracked`) are EMA'd and truncated back to their integer type.
+    With `buffers=False` only parameters are averaged (MoCo v3: the teacher keeps its own BN statistics).
 
     `skipped`, a 0-dim tensor on the teacher's device, leaves the teacher exactly as it is where it is 1 (a
     skipped optimiser step) without reading the flag on the host."""
     student_state = student.state_dict()
+    entries = teacher.state_dict() if buffers else dict(teacher.named_parameters())
     floats, sources, integers = [], [], []
-    for name, value in teacher.state_dict().items():
+    for name, value in entries.items():
         source = student_state[name].detach()
         if value.is_floating_point():
             floats.append(value)
@@ -280,11 +302,21 @@ class MIMMethod(L.LightningModule, abc.ABC):
     def total_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
 
+    def steps_per_epoch(self) -> float:
+        return self.total_steps() / max(1, self.trainer.max_epochs or 1)
+
     def warmup_steps(self) -> int:
         if self.optim_config.warmup_steps is not None:
             return self.optim_config.warmup_steps
-        steps_per_epoch = self.total_steps() / max(1, self.trainer.max_epochs or 1)
-        return int(round(self.optim_config.warmup_epochs * steps_per_epoch))
+        return int(round(self.optim_config.warmup_epochs * self.steps_per_epoch()))
+
+    def lr_schedule(self, peak: float) -> Callable[[int], float]:
+        """The lr of each optimiser step, peaking at `peak`, as the configured schedule gives it."""
+        config, warmup, total = self.optim_config, self.warmup_steps(), self.total_steps()
+        if config.schedule == "multistep":
+            milestones = tuple(int(round(epoch * self.steps_per_epoch())) for epoch in config.decay_epochs)
+            return lambda step: warmup_multistep(step, warmup, peak, milestones, config.decay_rate)
+        return lambda step: warmup_cosine(step, total, warmup, peak, config.min_lr)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """timm's rule: no decay for 1-D parameters and biases (and names in `no_weight_decay`); frozen skipped."""
@@ -299,8 +331,6 @@ class MIMMethod(L.LightningModule, abc.ABC):
             self.peak_lr = config.lr
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.peak_lr, betas=config.betas, eps=config.eps,
                                       fused=config.fused_on(self.device))
-        total, warmup, peak = self.total_steps(), self.warmup_steps(), self.peak_lr
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, peak, config.min_lr) / peak
-        )
+        peak, schedule = self.peak_lr, self.lr_schedule(self.peak_lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / peak)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
