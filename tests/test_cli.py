@@ -9,19 +9,22 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mim.cli import run_cli
+from micro_methods import micro_cli_model
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO_SYNTHETIC = [
-    "--config", str(ROOT / "configs/trainer/cpu.yaml"),
-    "--model", "MAE",
-    "--model.backbone.size", "micro", "--model.backbone.img_size", "32", "--model.backbone.patch_size", "4",
-    "--model.decoder_dim", "32", "--model.decoder_depth", "1", "--model.decoder_heads", "2",
-    "--model.optim.lr", "2e-3", "--model.optim.warmup_steps", "2",
+MICRO_SYNTHETIC_DATA = [
     "--data.source", "synthetic", "--data.synthetic_size", "256", "--data.batch_size", "32",
     "--data.num_workers", "0", "--data.knn_bank_size", "128", "--data.val_subset", "64",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--trainer.log_every_n_steps", "1", "--throughput.log_every_n_steps", "4",
 ]
+
+
+def micro_synthetic(method: str = "MAE") -> list[str]:
+    return ["--config", str(ROOT / "configs/trainer/cpu.yaml"), *micro_cli_model(method), *MICRO_SYNTHETIC_DATA]
+
+
+MICRO_SYNTHETIC = micro_synthetic("MAE")
 
 
 def cli_command(*args: str) -> list[str]:
@@ -38,27 +41,30 @@ def test_print_config_of_mae_recipes(recipe):
         assert key in result.stdout
 
 
-def test_fit_logs_common_tags_and_loss_decreases(tmp_path):
-    cli = run_cli(["fit", *MICRO_SYNTHETIC, "--trainer.max_epochs", "3",
+@pytest.mark.parametrize("method", ["MAE", "SimMIM", "SymMIM"])
+def test_fit_logs_common_tags_and_loss_decreases(tmp_path, method):
+    cli = run_cli(["fit", *micro_synthetic(method), "--trainer.max_epochs", "3",
                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.class_path",
                    "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert cli.trainer.global_step == 3 * 8
     events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_mim", "train/lr", "val/loss", "val/knn_top1", "train/throughput_img_s"} <= tags
+    if method == "SymMIM":
+        assert {"train/loss_con", "train/teacher_momentum", "val/loss_con"} <= tags
     assert "val/reconstruction" in events.Tags()["images"]
-    losses = [event.value for event in events.Scalars("train/loss")]
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    for tag in ("train/loss_mim", "train/loss_con") if method == "SymMIM" else ("train/loss",):
+        losses = [event.value for event in events.Scalars(tag)]
+        assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, (tag, losses)
     assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
 
 
 # SyncBatchNorm (LUT's paper configs) needs GPUs; on CPU each rank keeps its own BatchNorm statistics
-@pytest.mark.parametrize("method_args", [[], ["--model", "LUT", "--model.head_hidden_dim", "64"]],
-                         ids=["MAE", "LUT"])
-def test_ddp_two_cpu_processes(tmp_path, method_args):
+@pytest.mark.parametrize("method", ["MAE", "LUT", "SimMIM", "SymMIM"])
+def test_ddp_two_cpu_processes(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        cli_command("fit", *MICRO_SYNTHETIC, *method_args, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        cli_command("fit", *micro_synthetic(method), "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")),
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,

@@ -9,13 +9,11 @@ import torch
 import lightning_mim.methods as methods
 from lightning_mim.callbacks import CompileLosses
 from lightning_mim.cli import run_cli
-from lightning_mim.methods import LUT, MAE
+from micro_methods import METHODS as ALL_METHODS
+from micro_methods import micro_method
 from test_cli import MICRO_SYNTHETIC
 
-METHODS = {
-    "MAE": (MAE, {}),
-    "LUT": (LUT, {"head_hidden_dim": 64}),
-}
+METHODS = {cls.__name__: cls for cls in ALL_METHODS}
 
 
 def test_every_method_is_checked():
@@ -28,10 +26,8 @@ def test_every_method_is_checked():
 @pytest.mark.parametrize("name", METHODS)
 def test_compiled_losses_equal_eager_in_one_graph(name):
     torch._dynamo.reset()
-    method, extra = METHODS[name]
     torch.manual_seed(0)
-    model = method(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32, decoder_depth=1,
-                   decoder_heads=2, **extra)
+    model = micro_method(METHODS[name])
     images = torch.randn(4, 3, 16, 16)
     views = model.validation_views(images)
     torch.manual_seed(1)

@@ -12,8 +12,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lightning_mim.data import MIMDataModule
-from lightning_mim.methods import LUT, MAE
+from lightning_mim.methods import MAE
 from lightning_mim.methods.base import is_logging_step
+from micro_methods import METHODS, micro_method
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
               torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
@@ -66,9 +67,7 @@ class HostReadsPerStep(L.Callback):
 
 
 def run(method: type, fused: bool | None, log_every_n_steps: int = 4, steps: int = 8) -> dict[int, list[str]]:
-    extra = dict(head_hidden_dim=32) if method is LUT else {}
-    model = method(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32, decoder_depth=1,
-                   decoder_heads=2, optim=dict(lr=1e-3, warmup_steps=2, fused=fused), **extra)
+    model = micro_method(method, optim=dict(lr=1e-3, warmup_steps=2, fused=fused))
     data = MIMDataModule(source="synthetic", synthetic_size=64, synthetic_image_size=16, batch_size=8,
                          num_workers=1, persistent_workers=False, knn_bank_size=8, val_subset=8)
     recorder = HostReadsPerStep()
@@ -79,7 +78,7 @@ def run(method: type, fused: bool | None, log_every_n_steps: int = 4, steps: int
     return recorder.per_step
 
 
-@pytest.mark.parametrize("method", [MAE, LUT], ids=["MAE", "LUT"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda cls: cls.__name__)
 def test_no_host_reads_outside_logging_steps(method):
     per_step = run(method, fused=None)  # the default optimiser: fused AdamW
     assert sorted(per_step) == list(range(1, 9))
@@ -110,11 +109,9 @@ class CudaSyncIsAnError(L.Callback):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", [MAE, LUT], ids=["MAE", "LUT"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda cls: cls.__name__)
 def test_no_cuda_synchronisation_outside_logging_steps(method):
-    extra = dict(head_hidden_dim=32) if method is LUT else {}
-    model = method(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32, decoder_depth=1,
-                   decoder_heads=2, optim=dict(lr=1e-3, warmup_steps=2), **extra)
+    model = micro_method(method, optim=dict(lr=1e-3, warmup_steps=2))
     data = MIMDataModule(source="synthetic", synthetic_size=64, synthetic_image_size=16, batch_size=8,
                          num_workers=1, persistent_workers=False, knn_bank_size=8, val_subset=8)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,

@@ -80,10 +80,10 @@ class SymMIM(SimMIM):
         width = self.backbone.embed_dim
         self.projector = ProjectionMLP(width, head_hidden_dim, head_out_dim, num_layers=3, last_bn=True)
         self.predictor = ProjectionMLP(head_out_dim, head_hidden_dim, head_out_dim, num_layers=2)
-        self.momentum = make_teacher(self._momentum_source()).train()
+        self.teacher = make_teacher(self._teacher_source()).train()  # the momentum encoder
         self.momentum_steps = 1
 
-    def _momentum_source(self) -> nn.Module:
+    def _teacher_source(self) -> nn.Module:
         """The online parts the momentum encoder copies, under its own key names."""
         source = nn.Module()
         source.backbone, source.projector, source.mask_token = self.backbone, self.projector, self.mask_token
@@ -148,9 +148,9 @@ class SymMIM(SimMIM):
 
     @torch.no_grad()
     def momentum_key(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        momentum = self.momentum
-        tokens = momentum.backbone.forward_masked(images, mask, momentum.mask_token)
-        return momentum.projector(self.embedding_tokens(tokens))
+        teacher = self.teacher
+        tokens = teacher.backbone.forward_masked(images, mask, teacher.mask_token)
+        return teacher.projector(self.embedding_tokens(tokens))
 
     def on_fit_start(self) -> None:
         self.momentum_steps = self.total_steps()
@@ -160,14 +160,14 @@ class SymMIM(SimMIM):
                        f"of {count} ({100 * momentum.mean().item():.2f} %)")
 
     @torch.no_grad()
-    def update_momentum(self, momentum: float, skipped: torch.Tensor | None = None) -> None:
+    def update_teacher(self, momentum: float, skipped: torch.Tensor | None = None) -> None:
         """θ_k <- m θ_k + (1 - m) θ_q over the parameters of the encoder, mask token and projector; unchanged
         where `skipped` (the optimiser step's device-side flag) is 1."""
-        ema_update_(self.momentum, self._momentum_source(), momentum, skipped, buffers=False)
+        ema_update_(self.teacher, self._teacher_source(), momentum, skipped, buffers=False)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         momentum = cosine_momentum(self.global_step, self.momentum_steps, self.momentum_base, self.momentum_final)
-        self.update_momentum(momentum, skipped=self.last_step_skipped)
+        self.update_teacher(momentum, skipped=self.last_step_skipped)
         if is_logging_step(self.trainer):
             self.log("train/teacher_momentum", momentum)

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import MICRO, ROOT, cli_command
+from conftest import ROOT, cli_command, micro_args
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MAE
@@ -17,12 +17,12 @@ from lightning_mim.reliability import safe_load
 TOTAL, KILL_AT = 12, 6
 
 
-def run(tmp_path, name: str, callbacks: list[dict]) -> subprocess.CompletedProcess:
+def run(tmp_path, name: str, callbacks: list[dict], method: str) -> subprocess.CompletedProcess:
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/reliability")])}
     return subprocess.run(
-        cli_command("fit", *MICRO, "--config", str(config), "--seed_everything", "7",
+        cli_command("fit", *micro_args(method), "--config", str(config), "--seed_everything", "7",
                     "--data.synthetic_size", "64", "--trainer.max_steps", str(TOTAL),
                     "--trainer.default_root_dir", str(tmp_path / name),
                     "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--checkpoint.every_n_train_steps", "1"),
@@ -33,14 +33,16 @@ def losses(path) -> dict[int, float]:
     return {int(step): float(loss) for step, loss in (line.split() for line in path.read_text().splitlines())}
 
 
-def test_sigkill_then_resume_matches_straight_run(tmp_path):
+@pytest.mark.parametrize("method", ["MAE", "SimMIM", "SymMIM"])
+def test_sigkill_then_resume_matches_straight_run(tmp_path, method):
     straight = run(tmp_path, "straight", [{"class_path": "helpers.LossRecorder",
-                                           "init_args": {"path": str(tmp_path / "straight.txt")}}])
+                                           "init_args": {"path": str(tmp_path / "straight.txt")}}], method)
     assert straight.returncode == 0, straight.stderr[-3000:]
     recorder = {"class_path": "helpers.LossRecorder", "init_args": {"path": str(tmp_path / "resumed.txt")}}
-    killed = run(tmp_path, "resumed", [recorder, {"class_path": "helpers.KillAtStep", "init_args": {"step": KILL_AT}}])
+    killed = run(tmp_path, "resumed", [recorder, {"class_path": "helpers.KillAtStep", "init_args": {"step": KILL_AT}}],
+                 method)
     assert killed.returncode == -9
-    resumed = run(tmp_path, "resumed", [recorder])
+    resumed = run(tmp_path, "resumed", [recorder], method)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
 

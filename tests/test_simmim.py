@@ -1,0 +1,145 @@
+"""SimMIM: block-random masking, mask tokens before the position embedding, the linear pixel head, L1 on masked
+pixels, its optimiser defaults and the multistep schedule; recipes print."""
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_mim.losses import masked_l1
+from lightning_mim.masking import simmim_masking
+from lightning_mim.methods import SimMIM
+from lightning_mim.methods.base import OptimConfig, warmup_multistep
+from test_cli import cli_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro_simmim(img_size: int = 32, **kwargs) -> SimMIM:
+    return SimMIM(backbone=dict(size="micro", img_size=img_size, patch_size=4), mask_patch_size=8, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------- masking
+
+def test_paper_grid_masks_30_of_49_blocks_of_2x2_patches():
+    noise = torch.rand(3, 49, generator=torch.Generator().manual_seed(0))
+    mask = simmim_masking(3, (14, 14), 2, 0.6, noise=noise)
+    assert mask.shape == (3, 196)
+    assert mask.sum(1).tolist() == [120.0] * 3  # ceil(49 x 0.6) = 30 cells of 4 patches: 61.2 %
+    blocks = mask.view(3, 7, 2, 7, 2)
+    assert torch.equal(blocks.amax((2, 4)), blocks.amin((2, 4)))  # every 2 x 2 block is all masked or all visible
+    # the masked cells are the 30 with the smallest noise (a uniform random subset of the cells)
+    expected = torch.zeros(3, 49).scatter_(1, noise.argsort(1)[:, :30], 1.0)
+    assert torch.equal(blocks[:, :, 0, :, 0].reshape(3, 49), expected)
+
+
+def test_masking_at_another_grid_and_bad_cells():
+    mask = simmim_masking(2, (8, 4), 4, 0.5)  # 2 x 1 cells of 4 x 4 patches
+    assert mask.sum(1).tolist() == [16.0, 16.0]
+    with pytest.raises(ValueError, match="does not tile the 7 x 7 patch grid"):
+        simmim_masking(1, (7, 7), 2, 0.6)
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        SimMIM(backbone=dict(size="micro", img_size=32, patch_size=4), mask_patch_size=6)
+
+
+# ------------------------------------------------------------------------------------------------------- encoder
+
+def test_masked_pixels_do_not_reach_the_encoder_and_visible_ones_do():
+    model = micro_simmim().eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = simmim_masking(2, (8, 8), 2, 0.6, generator=torch.Generator().manual_seed(1))
+    pixel_mask = mask.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
+    with torch.no_grad():
+        reference = model.encode_masked(images, mask)
+        perturbed = model.encode_masked(images + 5.0 * pixel_mask * torch.randn_like(images), mask)
+        visible = model.encode_masked(images + 5.0 * (1 - pixel_mask) * torch.randn_like(images), mask)
+    assert torch.equal(reference, perturbed)
+    assert not torch.allclose(reference, visible)
+
+
+def test_mask_token_replaces_patches_before_the_position_embedding():
+    model = micro_simmim()
+    images = torch.randn(2, 3, 32, 32)
+    mask = simmim_masking(2, (8, 8), 2, 0.6)
+    embedded = model.backbone.embed_patches(images, mask, model.mask_token)
+    position = model.backbone.pos_embed[:, 1:]
+    expected = torch.where(mask.bool().unsqueeze(-1), model.mask_token.expand(2, 64, -1),
+                           model.backbone.patch_embed(images)) + position
+    torch.testing.assert_close(embedded, expected)
+    assert model.mask_token.abs().max() <= 0.02  # trunc-normal(0.02) in [-0.02, 0.02], as the official init
+
+
+def test_linear_head_predicts_every_patch_and_loss_is_masked_l1():
+    model = micro_simmim()
+    images = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    pred, mask = model(images, noise)
+    assert pred.shape == (2, 64, 4 * 4 * 3)
+    assert torch.equal(mask, simmim_masking(2, (8, 8), 2, 0.6, noise=noise))
+    # the official form: per-pixel L1 on the image, mask upsampled to pixels, / (masked pixels) / channels
+    reconstruction = model.backbone.unpatchify(pred)
+    pixel_mask = mask.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
+    official = (F.l1_loss(reconstruction, images, reduction="none") * pixel_mask).sum() / pixel_mask.sum() / 3
+    torch.testing.assert_close(model.compute_losses(images, noise)["mim"], official)
+
+
+def test_masked_l1_by_hand():
+    target = torch.zeros(1, 4, 1)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert masked_l1(torch.ones(1, 4, 1), target, mask).item() == 1.0
+    assert masked_l1(torch.tensor([[[0.0], [0.0], [5.0], [5.0]]]), target, mask).item() == 0.0
+    shifted = target + torch.tensor([[[0.3], [0.3], [9.0], [-9.0]]])
+    assert masked_l1(shifted, target, mask).item() == pytest.approx(0.3)
+    # averaged over pixels x channels of masked patches: one masked patch of 2 values with errors 1 and 3
+    assert masked_l1(torch.tensor([[[1.0, 3.0], [7.0, 7.0]]]), torch.zeros(1, 2, 2), torch.tensor([[1.0, 0.0]])) == 2.0
+
+
+def test_reconstruction_grid_pastes_predictions_into_masked_patches():
+    model = micro_simmim()
+    images = torch.randn(2, 3, 32, 32)
+    assert set(model.reconstruct(images)) == {"input", "masked", "reconstruction"}
+    pred, mask = model(images, torch.rand(2, 16))
+    grid = model.paste(images, pred, mask)
+    pixel_mask = mask.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).bool()
+    pixel_mask = pixel_mask.expand_as(images)
+    assert torch.equal(grid["masked"][pixel_mask], torch.zeros(int(pixel_mask.sum())))
+    assert torch.equal(grid["reconstruction"][~pixel_mask], images[~pixel_mask])
+    torch.testing.assert_close(grid["reconstruction"][pixel_mask], model.backbone.unpatchify(pred)[pixel_mask])
+
+
+# --------------------------------------------------------------------------------------------- optimiser / lr
+
+def test_optimiser_defaults_and_no_decay_on_tokens():
+    model = micro_simmim()
+    config = model.optim_config
+    assert (config.base_lr, config.lr_reference_batch, config.betas, config.warmup_epochs) == (1e-4, 512, (0.9, 0.999), 10)
+    assert config.peak_lr(2048) == pytest.approx(4e-4)  # 1e-4 x 2048 / 512
+    groups = model.parameter_groups()
+    no_decay = {id(p) for group in groups if group["weight_decay"] == 0.0 for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in no_decay}
+    assert {"mask_token", "backbone.cls_token"} <= names
+    assert "backbone.blocks.0.attn.qkv.weight" not in names and "head.weight" not in names
+    learned = SimMIM(backbone=dict(size="micro", img_size=32, patch_size=4, pos_embed="learned"), mask_patch_size=8)
+    decayed = {id(p) for group in learned.parameter_groups() if group["weight_decay"] > 0 for p in group["params"]}
+    assert id(learned.backbone.pos_embed) not in decayed
+
+
+def test_multistep_schedule_by_hand():
+    # warm-up 10 steps to 4e-4, x 0.1 at step 70 (epoch 700 of 800 at 0.1 step / epoch)
+    values = [warmup_multistep(step, 10, 4e-4, (70,), 0.1) for step in (0, 5, 10, 69, 70, 79)]
+    assert values == pytest.approx([0.0, 2e-4, 4e-4, 4e-4, 4e-5, 4e-5])
+    assert warmup_multistep(100, 0, 1.0, (10, 50), 0.5) == 0.25
+    with pytest.raises(ValueError, match="needs positive decay_epochs"):
+        OptimConfig(schedule="multistep")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        OptimConfig(schedule="step")
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs/simmim").glob("*.yaml")), ids=lambda p: p.stem)
+def test_print_config_of_simmim_recipes(recipe):
+    result = subprocess.run(cli_command("fit", "--config", str(recipe), "--print_config"), capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "class_path: lightning_mim.methods.SimMIM" in result.stdout
+    assert "mask_ratio: 0.6" in result.stdout
