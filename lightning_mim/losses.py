@@ -12,6 +12,12 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
+def denormalize_patches(normalized: torch.Tensor, patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Inverse of `normalize_patches` with the statistics of `patches` (to display norm_pix predictions)."""
+    patches = patches.float()
+    return normalized.float() * (patches.var(dim=-1, keepdim=True) + eps).sqrt() + patches.mean(dim=-1, keepdim=True)
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked patches (mask = 1) of the per-patch mean squared error. pred/target (B, L, P), mask (B, L)."""
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import available_methods, count_flops, main
+from benchmarks.bench import available_methods, count_flops, main, method_kwargs
 from lightning_mim.methods import MAE
 
 
@@ -141,15 +141,14 @@ def test_memory_estimate_is_linear_in_the_batch_and_smaller_with_checkpointing(t
     from benchmarks.memory import main as memory_main
 
     common = ["--methods", "all", "--size", "micro", "--img-size", "32", "--patch-size", "4", "--precision", "32",
-              "--method-args", '{"decoder_dim": 64, "decoder_depth": 1, "decoder_heads": 4, "head_hidden_dim": 128}',
+              "--method-args", json.dumps(METHOD_ARGS),
               "--batches", "8,16,32"]
     plain = memory_main([*common, "--out", str(tmp_path)])
     checkpointed = memory_main([*common, "--grad-checkpointing"])
     assert set(plain) == set(available_methods())
     for name, row in plain.items():
-        method = available_methods()[name](backbone=dict(size="micro", img_size=32, patch_size=4), decoder_dim=64,
-                                           decoder_depth=1, decoder_heads=4,
-                                           **({"head_hidden_dim": 128} if name == "lut" else {}))
+        cls = available_methods()[name]
+        method = cls(backbone=dict(size="micro", img_size=32, patch_size=4), **method_kwargs(cls, METHOD_ARGS))
         trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in method.parameters() if not p.requires_grad)
         buffer_bytes = sum(b.numel() * b.element_size() for b in method.buffers())

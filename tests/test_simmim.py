@@ -100,7 +100,7 @@ def test_reconstruction_grid_pastes_predictions_into_masked_patches():
     images = torch.randn(2, 3, 32, 32)
     assert set(model.reconstruct(images)) == {"input", "masked", "reconstruction"}
     pred, mask = model(images, torch.rand(2, 16))
-    grid = model.paste(images, pred, mask)
+    grid = model.paste_reconstruction(images, pred, mask)
     pixel_mask = mask.view(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).bool()
     pixel_mask = pixel_mask.expand_as(images)
     assert torch.equal(grid["masked"][pixel_mask], torch.zeros(int(pixel_mask.sum())))

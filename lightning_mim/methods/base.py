@@ -288,6 +288,15 @@ class MIMMethod(L.LightningModule, abc.ABC):
         for name, value in losses.items():
             self.log(f"val/loss_{name}", value, sync_dist=True, batch_size=images.shape[0])
 
+    def paste_reconstruction(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+                             ) -> dict[str, torch.Tensor]:
+        """The `val/reconstruction` rows: the input, the input with masked patches (mask = 1) blanked, and the input
+        with the per-patch predictions (B, L, p*p*C) pasted into them."""
+        patches = self.backbone.patchify(images).float()
+        keep = 1.0 - mask.unsqueeze(-1)
+        return {"input": images, "masked": self.backbone.unpatchify(patches * keep),
+                "reconstruction": self.backbone.unpatchify(patches * keep + pred * (1.0 - keep))}
+
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.pooled_features(images, self.feature_pool)

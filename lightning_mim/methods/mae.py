@@ -11,7 +11,7 @@ import torch
 
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.heads import MAEDecoder
-from lightning_mim.losses import masked_mse, normalize_patches
+from lightning_mim.losses import denormalize_patches, masked_mse, normalize_patches
 from lightning_mim.masking import check_mask_ratio, random_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 
@@ -50,12 +50,6 @@ class MAE(MIMMethod):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         pred, mask = self(images)
-        pred = pred.float()
         if self.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics, for display only
-            patches = self.backbone.patchify(images).float()
-            pred = pred * (patches.var(-1, keepdim=True) + 1e-6).sqrt() + patches.mean(-1, keepdim=True)
-        keep = 1.0 - mask.unsqueeze(-1)
-        patches = self.backbone.patchify(images).float()
-        masked = self.backbone.unpatchify(patches * keep)
-        pasted = self.backbone.unpatchify(patches * keep + pred * (1.0 - keep))
-        return {"input": images, "masked": masked, "reconstruction": pasted}
+            pred = denormalize_patches(pred, self.backbone.patchify(images))
+        return self.paste_reconstruction(images, pred.float(), mask)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig
-from lightning_mim.losses import masked_l1
+from lightning_mim.losses import denormalize_patches, masked_l1
 from lightning_mim.masking import simmim_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 
@@ -58,6 +58,7 @@ class SimMIM(MIMMethod):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         self.head = nn.Linear(width, self.backbone.patch_size ** 2 * self.in_chans)
+        self.norm_pix_target = False
 
     def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
         """SimMIM's view: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3, bilinear) + horizontal flip."""
@@ -94,11 +95,6 @@ class SimMIM(MIMMethod):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         pred, mask = self(images)
-        return self.paste(images, pred.float(), mask)
-
-    def paste(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The input, the input with masked patches blanked, and the input with them predicted."""
-        patches = self.backbone.patchify(images).float()
-        keep = 1.0 - mask.unsqueeze(-1)
-        return {"input": images, "masked": self.backbone.unpatchify(patches * keep),
-                "reconstruction": self.backbone.unpatchify(patches * keep + pred * (1.0 - keep))}
+        if self.norm_pix_target:  # undo the per-patch normalisation with the true patch statistics, for display only
+            pred = denormalize_patches(pred, self.backbone.patchify(images))
+        return self.paste_reconstruction(images, pred.float(), mask)

@@ -74,6 +74,7 @@ class SymMIM(SimMIM):
             raise ValueError(f"temperature must be positive (e.g. 0.2), got {temperature}")
         check_momentum(momentum_base, momentum_final)
         self.mask_phase, self.swap_scales, self.recon_loss = mask_phase, swap_scales, recon_loss
+        self.norm_pix_target = recon_loss == "norm_pix_mse"
         self.con_level, self.con_token, self.symmetric = con_level, con_token, symmetric
         self.temperature, self.scale_2tau = temperature, scale_2tau
         self.momentum_base, self.momentum_final = momentum_base, momentum_final
