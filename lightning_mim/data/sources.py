@@ -22,6 +22,8 @@ from torch.utils.data import Dataset, DistributedSampler, Subset, default_collat
 from torchvision.datasets import ImageFolder
 from webdataset.shardlists import expand_urls
 
+# The `format` of the manifest that `make-shards` writes beside its shards (shards.py writes it, this module reads it).
+MANIFEST_FORMAT = "lightning-mim make-shards manifest 1"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 LOAD_ERRORS = (OSError, ValueError, UnidentifiedImageError)
 _MAX_ATTEMPTS = 32
