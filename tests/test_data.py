@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
 from PIL import Image
 from torchvision import transforms
 
 from lightning_mim.data import FASHION_MNIST_DIR, MIMDataModule, read_idx, write_shards
 from lightning_mim.data.shards import main as make_shards_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -483,8 +486,34 @@ def test_webdataset_missing_shards_and_arguments(tmp_path: Path) -> None:
     pattern = str(tmp_path / "train-{000..003}.tar")
     with pytest.raises(FileNotFoundError, match="train-"):
         MIMDataModule(source="webdataset", train_shards=pattern, train_samples=10).setup("fit")
-    with pytest.raises(ValueError, match="train_samples"):
-        MIMDataModule(source="webdataset", train_shards=pattern).setup("fit")
+    with pytest.raises(ValueError, match="--data.train_shards"):
+        MIMDataModule(source="webdataset", train_samples=10).setup("fit")
+    # shards without a make-shards manifest, and no train_samples
+    with pytest.raises(ValueError, match=r"manifest.*--data.train_samples"):
+        MIMDataModule(source="webdataset", train_shards=_uneven_shards(tmp_path)).setup("fit")
+
+
+def test_webdataset_train_samples_come_from_the_shard_manifest(tmp_path: Path) -> None:
+    src = image_folder(tmp_path / "src", 9)
+    result = write_shards(str(src), str(tmp_path / "out" / "train-%03d.tar"), max_count=4)
+
+    def train_samples(**kwargs) -> int:
+        dm = MIMDataModule(**{"source": "webdataset", "batch_size": 2, **kwargs, "num_workers": 0})
+        dm.setup("fit")
+        assert len(dm.train_dataloader()) == dm.train_dataset_size // 2
+        return dm.train_dataset_size
+
+    assert train_samples(train_shards=result["pattern"]) == 9
+    assert train_samples(train_shards=str(tmp_path / "out" / "train-{000..001}.tar")) == 8  # the shards named
+    assert train_samples(train_shards=result["pattern"], train_samples=5) == 5  # an explicit value wins
+    # the ImageNet preset takes the count from the manifest instead of assuming ImageNet's
+    preset = yaml.safe_load((ROOT / "configs" / "data" / "imagenet_wds.yaml").read_text())["data"]
+    assert train_samples(**{**preset, "train_shards": result["pattern"], "val_shards": None}) == 9
+
+    with (tmp_path / "out" / "train-001.tar").open("ab") as shard:
+        shard.write(b"\0" * 512)
+    with pytest.raises(ValueError, match=r"train-001.tar.*changed.*make-shards.*--data.train_samples"):
+        train_samples(train_shards=result["pattern"])
 
 
 def _uneven_shards(tmp_path: Path) -> str:
