@@ -298,7 +298,9 @@ def count_samples(urls: list[str]) -> int:
         if not _is_local(url):
             raise ValueError(f"{url}: the sample count of remote shards is unknown; {_TRAIN_SAMPLES_FIX}")
         path = Path(_local_path(url))
-        entries = by_folder.setdefault(path.parent, _manifest_entries(path.parent))
+        if path.parent not in by_folder:
+            by_folder[path.parent] = _manifest_entries(path.parent)
+        entries = by_folder[path.parent]
         if path.name not in entries:
             raise ValueError(f"{url} is in no make-shards manifest ({path.parent}/*manifest.json), so its sample count "
                              f"is unknown; write the shards with `lightning-mim make-shards`, which records it, or "
