@@ -306,8 +306,8 @@ def bench_shard_writing(image_folder: Path, out_dir: Path, workers: int, max_cou
     result = write_shards(str(image_folder), str(out_dir / "train-%06d.tar"), max_count=max_count, workers=workers)
     elapsed = time.perf_counter() - start
     images_per_s = result["written"] / elapsed
-    row = {"workers": workers, "images": result["written"], "shards": result["shards"], "seconds": elapsed,
-           "img_per_s": images_per_s, "img_per_s_per_worker": images_per_s / workers}
+    row = {"workers": workers, "images": result["written"], "shards": result["shards"], "max_count": max_count,
+           "seconds": elapsed, "img_per_s": images_per_s, "img_per_s_per_worker": images_per_s / workers}
     return row, str(result["pattern"])
 
 
@@ -412,7 +412,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                          f"{row['data_vs_train']:.2f} |")
     if report["shards"]:
         lines += ["", f"Shard writing (`make-shards`: read, decode check, tar writing) of the "
-                      f"{settings['data_images']} generated JPEGs, max_count {max(1, settings['data_images'] // 8)}, "
+                      f"{settings['data_images']} generated JPEGs, max_count {report['shards'][0]['max_count']}, "
                       f"process pool start-up included.", "",
                   "| shard-writing workers | images | shards | seconds | img/s | img/s per worker |",
                   "|---|---|---|---|---|---|"]
@@ -486,7 +486,8 @@ def _worker_counts(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Benchmark the selected methods and data sources; returns the report (header, methods, data)."""
+    """Benchmark the selected methods, data sources and shard writing; returns the report (header, methods, data,
+    shards)."""
     device = torch.device(args.device)
     known = available_methods()
     names = list(known) if args.methods == "all" else [n.strip().lower() for n in args.methods.split(",") if n.strip()]
