@@ -40,10 +40,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# Train-step throughput, memory, FLOPs and data-pipeline speed of every method (benchmarks/README.md; GPU commands there)
+# Train-step throughput, memory, FLOPs, data-pipeline and shard-writing speed (benchmarks/README.md; GPU commands there)
 bench: install
 	$(BIN)/python -m benchmarks.bench --methods all --size small --img-size 224 --patch-size 16 --batch 32 \
-	    --steps 5 --warmup 2 --data imagefolder,webdataset --workers 1 --device cpu --out benchmarks/results/cpu_vit_s16
+	    --steps 5 --warmup 2 --data imagefolder,webdataset --workers 1 --shard-workers 1,2 --device cpu \
+	    --out benchmarks/results/cpu_vit_s16
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(RUN)

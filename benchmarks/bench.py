@@ -3,7 +3,8 @@
 Per method: train-step throughput (forward + backward + AdamW step), peak memory, FLOPs per image (FlopCounterMode over
 one forward + backward), achieved FLOP/s, and its ratio to a dense matmul of the model's width measured in the same
 run next to the method ("MFU vs matmul"). Per method and data source: decode + augment throughput of the
-MIMDataModule train loader (ImageFolder, WebDataset) with that method's train transform. See benchmarks/README.md.
+MIMDataModule train loader (ImageFolder, WebDataset) with that method's train transform. Per worker count: the
+throughput of writing the generated images as WebDataset shards (`make-shards`). See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -297,18 +298,41 @@ def make_image_folder(root: Path, count: int, seed: int = 0) -> float:
     return float(np.mean(sizes)) / 1e3
 
 
-def prepare_data(args: argparse.Namespace, sources: list[str], tmp: Path) -> dict[str, Any]:
-    """The ImageFolder root and the shard pattern the data benchmark reads: `--data-dir` / `--shards` when given,
-    else JPEGs generated in `tmp` and shards written from them with `write_shards`."""
+def bench_shard_writing(image_folder: Path, out_dir: Path, workers: int, max_count: int
+                        ) -> tuple[dict[str, Any], str]:
+    """One `write_shards` run (read, decode check, tar writing; process pool start-up included) with `workers`
+    processes: its row and the brace pattern of the shards it wrote."""
+    start = time.perf_counter()
+    result = write_shards(str(image_folder), str(out_dir / "train-%06d.tar"), max_count=max_count, workers=workers)
+    elapsed = time.perf_counter() - start
+    images_per_s = result["written"] / elapsed
+    row = {"workers": workers, "images": result["written"], "shards": result["shards"], "max_count": max_count,
+           "seconds": elapsed, "img_per_s": images_per_s, "img_per_s_per_worker": images_per_s / workers}
+    return row, str(result["pattern"])
+
+
+def prepare_data(args: argparse.Namespace, sources: list[str], tmp: Path
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ImageFolder root and the shard pattern the data benchmark reads, and the shard-writing rows.
+
+    `--data-dir` / `--shards` when given, else JPEGs generated in `tmp`. Generated JPEGs are written as shards once
+    per `--shard-workers` count (timed; the last run's shards are read), a real folder once, untimed.
+    """
     generate = not args.data_dir and ("imagefolder" in sources or args.shards is None)
     root = tmp / "images" if generate else Path(args.data_dir) if args.data_dir else None
     mean_kb = make_image_folder(root, args.data_images) if generate else None
-    shards = args.shards
+    max_count = max(1, args.data_images // 8)
+    shard_rows, shards = [], args.shards
+    for run_index, workers in enumerate(args.shard_workers if generate else []):
+        # a fresh folder for each run: in a used one, write_shards would keep the complete shards
+        row, shards = bench_shard_writing(root / "train", tmp / f"shards_{run_index}", workers, max_count)
+        shard_rows.append(row)
     if shards is None and "webdataset" in sources:
         shards = str(write_shards(str(root / "train"), str(tmp / "shards" / "train-%06d.tar"),
-                                  max_count=max(1, args.data_images // 8))["pattern"])
-    return {"image_folder": None if root is None else str(root), "shards": shards, "generated": generate,
+                                  max_count=max_count)["pattern"])
+    data = {"image_folder": None if root is None else str(root), "shards": shards, "generated": generate,
             "mean_file_kb": mean_kb}
+    return data, shard_rows
 
 
 def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], args: argparse.Namespace
@@ -386,6 +410,15 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['method']} | {row['source']} | {row['images']} | {row['seconds']:.2f} | "
                          f"{_rate(row['img_per_s'])} | {_rate(row['img_per_s_per_worker'])} | "
                          f"{row['data_vs_train']:.2f} |")
+    if report["shards"]:
+        lines += ["", f"Shard writing (`make-shards`: read, decode check, tar writing) of the "
+                      f"{settings['data_images']} generated JPEGs, max_count {report['shards'][0]['max_count']}, "
+                      f"process pool start-up included.", "",
+                  "| shard-writing workers | images | shards | seconds | img/s | img/s per worker |",
+                  "|---|---|---|---|---|---|"]
+        for row in report["shards"]:
+            lines.append(f"| {row['workers']} | {row['images']} | {row['shards']} | {row['seconds']:.2f} | "
+                         f"{_rate(row['img_per_s'])} | {_rate(row['img_per_s_per_worker'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -428,6 +461,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "JPEGs; its train/ split is written to temporary shards unless --shards is given")
     parser.add_argument("--shards", default=None, help="existing WebDataset train shards (brace pattern)")
     parser.add_argument("--workers", type=int, default=1, help="data loader workers (0: in the main process)")
+    parser.add_argument("--shard-workers", type=_worker_counts, default="1,2",
+                        help="make-shards worker counts to time on the generated JPEGs (comma-separated), or 'none'")
     parser.add_argument("--out", default=None, help="folder for bench.md and bench.json")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -443,8 +478,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _worker_counts(text: str) -> list[int]:
+    counts = [] if text == "none" else [int(word) for word in text.split(",")]
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be positive, got {text!r}")
+    return counts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Benchmark the selected methods and data sources; returns the report (header, methods, data)."""
+    """Benchmark the selected methods, data sources and shard writing; returns the report (header, methods, data,
+    shards)."""
     device = torch.device(args.device)
     known = available_methods()
     names = list(known) if args.methods == "all" else [n.strip().lower() for n in args.methods.split(",") if n.strip()]
@@ -460,7 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="mim_bench_"))
     try:
-        data = prepare_data(args, sources, tmp) if sources else None
+        data, shard_rows = prepare_data(args, sources, tmp) if sources else (None, [])
         for name in names:
             method = build_method(known[name], args)
             row = bench_train_step(name, method, args, device)
@@ -493,6 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "methods": method_rows,
         "data": data_rows,
+        "shards": shard_rows,
     }
 
 

@@ -101,6 +101,19 @@ def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str])
             assert row[column] > 0, (row["method"], row["source"], column)
 
 
+def test_tiny_bench_times_shard_writing_at_one_and_two_workers(tiny_report: tuple[dict, str]) -> None:
+    report, markdown = tiny_report
+    assert report["header"]["settings"]["shard_workers"] == [1, 2]
+    assert [row["workers"] for row in report["shards"]] == [1, 2]
+    for row in report["shards"]:
+        assert (row["images"], row["shards"]) == (32, 8)  # every generated image, max_count 32 // 8
+        assert row["seconds"] > 0
+        assert row["img_per_s"] == pytest.approx(row["images"] / row["seconds"])
+        assert row["img_per_s_per_worker"] == pytest.approx(row["img_per_s"] / row["workers"])
+    table = markdown[markdown.index("| shard-writing workers |"):].splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:4]] == ["1", "2"]
+
+
 def test_tiny_bench_counts_the_mae_train_step_flops_of_its_layers(tiny_report: tuple[dict, str]) -> None:
     report, _ = tiny_report
     mae_row = next(row for row in report["methods"] if row["method"] == "mae")

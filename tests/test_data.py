@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+import yaml
 from PIL import Image
 from torchvision import transforms
 
 from lightning_mim.data import FASHION_MNIST_DIR, MIMDataModule, read_idx, write_shards
 from lightning_mim.data.shards import main as make_shards_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -85,6 +88,17 @@ def broken_folder(tmp_path: Path) -> tuple[Path, set[tuple[int, ...]]]:
 
 def fake_trainer(rank: int, world: int, module: object = None) -> SimpleNamespace:
     return SimpleNamespace(global_rank=rank, world_size=world, lightning_module=module)
+
+
+def image_folder(root: Path, count: int) -> Path:
+    """`count` 8 x 8 images alternating between root/a_cat and root/b_dog; every fifth a JPEG, the others PNG."""
+    for i in range(count):
+        save_image(root / ("b_dog" if i % 2 else "a_cat") / f"img{i:02d}.{'jpg' if i % 5 == 0 else 'png'}", colour(i))
+    return root
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def write_tar(path: Path, samples: list[dict]) -> Path:
@@ -322,10 +336,18 @@ def test_shard_writer_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "shards"
     with pytest.warns(RuntimeWarning, match="zz_broken.png"):
         result = write_shards(str(src), str(out / "train-%04d.tar"), max_count=3, seed=3)
-    assert result == {"written": 7, "skipped": 1, "shards": 3, "classes": 2,
-                      "pattern": str(out / "train-{0000..0002}.tar")}
+    assert result == {"written": 7, "skipped": 1, "shards": 3, "reused": 0, "classes": 2,
+                      "pattern": str(out / "train-{0000..0002}.tar"), "manifest": str(out / "train-manifest.json")}
     assert json.loads((out / "classes.json").read_text()) == ["a_cat", "b_dog"]
     assert (out / "classes.txt").read_text() == "a_cat\nb_dog\n"
+    manifest = json.loads((out / "train-manifest.json").read_text())
+    assert manifest["complete"] and manifest["samples"] == 7 and manifest["classes"] == ["a_cat", "b_dog"]
+    assert manifest["source"] == str(src.resolve()) and manifest["images"] == 8 and manifest["max_count"] == 3
+    assert {name: entry["samples"] for name, entry in manifest["shards"].items()} == {
+        name: sum(1 for _ in wds.WebDataset(str(out / name), shardshuffle=False))
+        for name in ("train-0000.tar", "train-0001.tar", "train-0002.tar")}
+    assert [entry["bytes"] for entry in manifest["shards"].values()] == [
+        (out / name).stat().st_size for name in manifest["shards"]]
 
     stored = {}
     for shard in sorted(out.glob("*.tar")):
@@ -357,11 +379,78 @@ def test_shard_writer_round_trip(tmp_path: Path) -> None:
 def test_make_shards_command_line(tmp_path: Path, capsys) -> None:
     for i in range(3):
         save_image(tmp_path / "src" / "only" / f"{i}.png", colour(i))
-    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out" / "s-%03d.tar"), "--max-count", "2",
-                             "--no-shuffle"]) == 0
-    assert "wrote 3 samples of 1 classes in 2 shards" in capsys.readouterr().out
+    command = [str(tmp_path / "src"), str(tmp_path / "out" / "s-%03d.tar"), "--max-count", "2", "--no-shuffle"]
+    assert make_shards_main(command) == 0
+    printed = capsys.readouterr()
+    assert "wrote 3 samples of 1 classes in 2 shards" in printed.out
+    assert str(tmp_path / "out" / "s-manifest.json") in printed.out
+    assert "img/s" in printed.err  # the progress bar's rate
     first = next(iter(wds.WebDataset(str(tmp_path / "out" / "s-000.tar"), shardshuffle=False)))
     assert first["png"] == (tmp_path / "src" / "only" / "0.png").read_bytes()
+    # the same command again finds both shards complete
+    assert make_shards_main([*command, "--workers", "2"]) == 0
+    assert "2 of 2 shards were already complete" in capsys.readouterr().out
+
+
+def test_shards_are_identical_for_one_and_two_workers(tmp_path: Path) -> None:
+    src = image_folder(tmp_path / "src", 11)
+    (src / "a_cat" / "zz_broken.png").write_bytes(b"\x89PNG broken")
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        with pytest.warns(RuntimeWarning, match="zz_broken.png"):
+            result = write_shards(str(src), str(out / "train-%03d.tar"), max_count=4, workers=workers)
+        assert (result["written"], result["skipped"], result["shards"]) == (11, 1, 3)
+        outputs.append(folder_bytes(out))
+    assert sorted(outputs[0]) == ["classes.json", "classes.txt", "train-000.tar", "train-001.tar", "train-002.tar",
+                                  "train-manifest.json"]
+    assert outputs[0] == outputs[1]
+
+
+def test_make_shards_resumes_an_interrupted_run_by_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = image_folder(tmp_path / "src", 10)
+    write_shards(str(src), str(tmp_path / "reference" / "train-%03d.tar"), max_count=4, workers=1)
+    out = tmp_path / "out"
+    pattern = str(out / "train-%03d.tar")
+
+    # interrupted while writing the second shard (its first sample is in the tar stream)
+    original_write = wds.TarWriter.write
+    def interrupt_at_sample_6(writer: wds.TarWriter, sample: dict) -> int:
+        if sample["__key__"] == f"{5:09d}":
+            raise KeyboardInterrupt
+        return original_write(writer, sample)
+    with monkeypatch.context() as patch:
+        patch.setattr(wds.TarWriter, "write", interrupt_at_sample_6)
+        with pytest.raises(KeyboardInterrupt):
+            write_shards(str(src), pattern, max_count=4, workers=1)
+    assert sorted(folder_bytes(out)) == ["classes.json", "classes.txt", "train-000.tar", "train-manifest.json"]
+    manifest = json.loads((out / "train-manifest.json").read_text())
+    assert list(manifest["shards"]) == ["train-000.tar"] and not manifest["complete"]
+
+    # what a killed writer without atomic renames would leave: a truncated last shard, and a stale temporary file
+    (out / "train-002.tar").write_bytes((tmp_path / "reference" / "train-002.tar").read_bytes()[:700])
+    (out / ".train-001.tar.x1y2.tmp").write_bytes(b"partial")
+    first_shard = (out / "train-000.tar").stat().st_ino
+    result = write_shards(str(src), pattern, max_count=4, workers=2)
+    assert (result["reused"], result["written"], result["shards"]) == (1, 10, 3)
+    assert (out / "train-000.tar").stat().st_ino == first_shard  # kept, not rewritten
+    assert folder_bytes(out) == folder_bytes(tmp_path / "reference")
+
+
+def test_make_shards_refuses_output_of_another_source_or_shard_size(tmp_path: Path) -> None:
+    src, other = image_folder(tmp_path / "src", 6), image_folder(tmp_path / "other", 5)
+    pattern = str(tmp_path / "out" / "train-%03d.tar")
+    write_shards(str(src), pattern, max_count=4)
+    with pytest.raises(ValueError, match=r"max_count=4 there, 3 now.*another OUT_PATTERN") as error:
+        write_shards(str(src), pattern, max_count=3)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=f"source={src.resolve()}"):
+        write_shards(str(other), pattern, max_count=4)
+    with pytest.raises(ValueError, match="seed=0 there, 1 now"):
+        write_shards(str(src), pattern, max_count=4, seed=1)
+    save_image(src / "a_cat" / "new.png", colour(9))
+    with pytest.raises(ValueError, match="images=6 there, 7 now"):
+        write_shards(str(src), pattern, max_count=4)
 
 
 # ---------------------------------------------------------------------------------------------------- webdataset
@@ -397,8 +486,34 @@ def test_webdataset_missing_shards_and_arguments(tmp_path: Path) -> None:
     pattern = str(tmp_path / "train-{000..003}.tar")
     with pytest.raises(FileNotFoundError, match="train-"):
         MIMDataModule(source="webdataset", train_shards=pattern, train_samples=10).setup("fit")
-    with pytest.raises(ValueError, match="train_samples"):
-        MIMDataModule(source="webdataset", train_shards=pattern).setup("fit")
+    with pytest.raises(ValueError, match="--data.train_shards"):
+        MIMDataModule(source="webdataset", train_samples=10).setup("fit")
+    # shards without a make-shards manifest, and no train_samples
+    with pytest.raises(ValueError, match=r"manifest.*--data.train_samples"):
+        MIMDataModule(source="webdataset", train_shards=_uneven_shards(tmp_path)).setup("fit")
+
+
+def test_webdataset_train_samples_come_from_the_shard_manifest(tmp_path: Path) -> None:
+    src = image_folder(tmp_path / "src", 9)
+    result = write_shards(str(src), str(tmp_path / "out" / "train-%03d.tar"), max_count=4)
+
+    def train_samples(**kwargs) -> int:
+        dm = MIMDataModule(**{"source": "webdataset", "batch_size": 2, **kwargs, "num_workers": 0})
+        dm.setup("fit")
+        assert len(dm.train_dataloader()) == dm.train_dataset_size // 2
+        return dm.train_dataset_size
+
+    assert train_samples(train_shards=result["pattern"]) == 9
+    assert train_samples(train_shards=str(tmp_path / "out" / "train-{000..001}.tar")) == 8  # the shards named
+    assert train_samples(train_shards=result["pattern"], train_samples=5) == 5  # an explicit value wins
+    # the ImageNet preset takes the count from the manifest instead of assuming ImageNet's
+    preset = yaml.safe_load((ROOT / "configs" / "data" / "imagenet_wds.yaml").read_text())["data"]
+    assert train_samples(**{**preset, "train_shards": result["pattern"], "val_shards": None}) == 9
+
+    with (tmp_path / "out" / "train-001.tar").open("ab") as shard:
+        shard.write(b"\0" * 512)
+    with pytest.raises(ValueError, match=r"train-001.tar.*changed.*make-shards.*--data.train_samples"):
+        train_samples(train_shards=result["pattern"])
 
 
 def _uneven_shards(tmp_path: Path) -> str:

@@ -14,8 +14,8 @@ from torchvision import transforms
 
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
-    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, expand_shards,
-    read_classes, seeded_subset, webdataset_pipeline,
+    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, count_samples,
+    expand_shards, read_classes, seeded_subset, webdataset_pipeline,
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
@@ -55,7 +55,8 @@ class MIMDataModule(L.LightningDataModule):
 
     Sources: `fashion_mnist` (idx files in `data_dir`, default /usr/share/datasets/fashion-mnist), `imagefolder`
     (`data_dir/train/<class>/<image>` and `data_dir/val/...`), `webdataset` (tar shards `train_shards`,
-    `val_shards`; `train_samples` sets the epoch length), `synthetic` (generated, for tests).
+    `val_shards`; `train_samples` sets the epoch length, by default the sample count that `make-shards` records in
+    its manifest beside the shards), `synthetic` (generated, for tests).
 
     `seed` fixes the subsets, the training order (a permutation per epoch) and every sample's augmentation draws
     (seeded from seed, epoch and index), so a run resumed mid-epoch sees exactly the batches it had not seen yet.
@@ -112,6 +113,7 @@ class MIMDataModule(L.LightningDataModule):
         self._knn_set: Dataset | None = None
         self._train_urls: list[str] = []
         self._val_urls: list[str] = []
+        self._train_samples: int | None = None
 
     # ------------------------------------------------------------------------------------------ model binding
     @property
@@ -202,17 +204,17 @@ class MIMDataModule(L.LightningDataModule):
 
     def _setup_webdataset(self) -> None:
         hp = self.hparams
-        if not hp.train_shards or hp.train_samples is None:
+        if not hp.train_shards:
             raise ValueError("source 'webdataset' needs --data.train_shards PATTERN (e.g. "
-                             "/data/in1k/train-{000000..001023}.tar) and --data.train_samples N (the number of "
-                             "training samples; it sets the epoch length)")
-        if hp.train_samples <= 0:
+                             "/data/in1k/train-{000000..001023}.tar)")
+        if hp.train_samples is not None and hp.train_samples <= 0:
             raise ValueError(f"train_samples must be positive, got {hp.train_samples}")
         if hp.train_subset is not None:
             raise ValueError("train_subset is not supported for source 'webdataset' (training shards are "
                              "resampled); lower train_samples to shorten the epoch")
         self._train_urls = expand_shards(hp.train_shards)
         self._val_urls = expand_shards(hp.val_shards) if hp.val_shards else []
+        self._train_samples = count_samples(self._train_urls) if hp.train_samples is None else hp.train_samples
         classes = read_classes(self._train_urls) or read_classes(self._val_urls)
         # -1 marks "set up, class count unknown" (shards without the writer's classes.json).
         self._num_classes = len(classes) if classes else -1
@@ -239,7 +241,7 @@ class MIMDataModule(L.LightningDataModule):
         """Training samples per epoch over all ranks (after setup)."""
         self._require_setup()
         if self.hparams.source == "webdataset":
-            return int(self.hparams.train_samples)
+            return self._train_samples
         return len(self._train_set)
 
     @property
@@ -271,9 +273,9 @@ class MIMDataModule(L.LightningDataModule):
             [ToMode(self._mode), self._train_transform])
         rank, world = self._rank_world()
         if hp.source == "webdataset":
-            batches = hp.train_samples // (self.batch_size * world)
+            batches = self._train_samples // (self.batch_size * world)
             if batches == 0:
-                raise ValueError(f"train_samples={hp.train_samples} is less than one batch of {self.batch_size} "
+                raise ValueError(f"train_samples={self._train_samples} is less than one batch of {self.batch_size} "
                                  f"on each of {world} ranks")
             # Each rank and worker draws shards with replacement from its own randomly seeded stream (webdataset
             # seeds it from pid, time and urandom), so no split by rank is needed; the stream never runs out, so

@@ -22,6 +22,8 @@ from torch.utils.data import Dataset, DistributedSampler, Subset, default_collat
 from torchvision.datasets import ImageFolder
 from webdataset.shardlists import expand_urls
 
+# The `format` of the manifest that `make-shards` writes beside its shards (shards.py writes it, this module reads it).
+MANIFEST_FORMAT = "lightning-mim make-shards manifest 1"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 LOAD_ERRORS = (OSError, ValueError, UnidentifiedImageError)
 _MAX_ATTEMPTS = 32
@@ -269,6 +271,47 @@ def read_classes(urls: list[str]) -> list[str] | None:
     if not path.is_file():
         return None
     return list(json.loads(path.read_text()))
+
+
+_TRAIN_SAMPLES_FIX = "pass --data.train_samples N (the number of training samples; it sets the epoch length)"
+
+
+def _manifest_entries(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Shard file name -> (manifest, entry) for every make-shards manifest in a folder."""
+    entries: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for manifest_file in sorted(folder.glob("*manifest.json")):
+        manifest = json.loads(manifest_file.read_text())
+        if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT:
+            entries.update({name: (manifest_file, entry) for name, entry in manifest["shards"].items()})
+    return entries
+
+
+def count_samples(urls: list[str]) -> int:
+    """Total samples of the shards `urls`, from the manifests that `make-shards` writes beside them.
+
+    Raises ValueError naming `--data.train_samples` when a shard is remote or in no manifest, or when its size on
+    disk differs from the recorded one.
+    """
+    by_folder: dict[Path, dict[str, tuple[Path, dict[str, Any]]]] = {}
+    total = 0
+    for url in urls:
+        if not _is_local(url):
+            raise ValueError(f"{url}: the sample count of remote shards is unknown; {_TRAIN_SAMPLES_FIX}")
+        path = Path(_local_path(url))
+        if path.parent not in by_folder:
+            by_folder[path.parent] = _manifest_entries(path.parent)
+        entries = by_folder[path.parent]
+        if path.name not in entries:
+            raise ValueError(f"{url} is in no make-shards manifest ({path.parent}/*manifest.json), so its sample count "
+                             f"is unknown; write the shards with `lightning-mim make-shards`, which records it, or "
+                             f"{_TRAIN_SAMPLES_FIX}")
+        manifest_file, entry = entries[path.name]
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"{url} has changed since {manifest_file} recorded it ({size} bytes on disk, "
+                             f"{entry['bytes']} recorded); re-run its make-shards command, or {_TRAIN_SAMPLES_FIX}")
+        total += entry["samples"]
+    return total
 
 
 class NodeSplitter:
