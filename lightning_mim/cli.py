@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
-from lightning_mim.reliability import AtomicCheckpointIO
+from lightning_mim.reliability import AtomicCheckpointIO, fit_to_launcher, launcher_layout
 
 
 class RNGState(Callback):
@@ -81,6 +83,32 @@ class MIMCLI(LightningCLI):
         LightningCLI would; validate / test / predict read them from the checkpoint as usual."""
         if self.config.get("subcommand") != "fit":
             super()._parse_ckpt_path()
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Also notes which of trainer.devices / trainer.num_nodes the command line itself sets (see
+        `_follow_launcher`)."""
+        words = sys.argv[1:] if args is None else args
+        words = words if isinstance(words, (list, tuple)) else []
+        self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes") if any(
+            word == f"--trainer.{key}" or str(word).startswith(f"--trainer.{key}=") for word in words))
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        """Trainer settings that depend on how the processes were launched."""
+        trainer = self.config.get(str(self.subcommand), self.config).trainer
+        self._follow_launcher(trainer)
+
+    def _follow_launcher(self, trainer: Namespace) -> None:
+        """Under torchrun or SLURM, trainer.devices and trainer.num_nodes are the launcher's; a value typed on the
+        command line that disagrees stops the run (see `reliability.fit_to_launcher`)."""
+        layout = launcher_layout()
+        if layout is None:
+            return
+        devices, num_nodes = fit_to_launcher(trainer.devices, trainer.num_nodes, layout, self.typed_trainer_keys)
+        if (devices, num_nodes) != (trainer.devices, trainer.num_nodes):
+            rank_zero_info(f"trainer.devices {trainer.devices} -> {devices}, trainer.num_nodes {trainer.num_nodes} -> "
+                           f"{num_nodes} to match the processes {layout.launcher} started ({layout.origin})")
+        trainer.devices, trainer.num_nodes = devices, num_nodes
 
     def before_fit(self) -> None:
         """Resume automatically when `--checkpoint.dirpath` already holds `last.ckpt` and no ckpt_path is given
