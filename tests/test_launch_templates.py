@@ -1,12 +1,24 @@
-"""The CLI's agreement with a cluster launcher, without subprocesses: trainer.devices / trainer.num_nodes follow torchrun
-or SLURM over any config, and a value typed on the command line that disagrees stops the run."""
+"""The cluster launch templates started as a user would, on one machine: `experiments/torchrun_pretrain.sh` as two
+"nodes" of one process on 127.0.0.1, `experiments/slurm_pretrain.sbatch` run by bash with stand-in `srun` and
+`scontrol`, each with the command of its header plus CPU / micro-model overrides (gloo on the CPU). And, without
+subprocesses, the CLI's agreement with the launcher: trainer.devices / trainer.num_nodes follow torchrun or SLURM over
+any config, and a value typed on the command line that disagrees stops the run."""
+import os
+import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_mim.cli import run_cli
+from lightning_mim.reliability import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_TEMPLATE = ROOT / "experiments/torchrun_pretrain.sh"
+SLURM_TEMPLATE = ROOT / "experiments/slurm_pretrain.sbatch"
 MULTINODE = str(ROOT / "configs/trainer/multinode.yaml")
 # appended to a header's command: the micro MAE on synthetic data, two steps on the CPU
 CPU_MICRO = [
@@ -24,6 +36,123 @@ CPU_MICRO = [
 LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK",
                       "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES",
                       "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NODELIST", "SLURM_ARRAY_JOB_ID")
+
+
+def header_command(template: Path) -> tuple[dict[str, str], list[str]]:
+    """The example command of a template's header (the comment lines indented by three spaces): its leading
+    `NAME=value` assignments and the words that follow."""
+    lines = [line[1:].rstrip().removesuffix("\\") for line in template.read_text().splitlines()
+             if line.startswith("#   ")]
+    words = shlex.split(" ".join(lines))
+    assignments = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        assignments[name] = value
+    return assignments, words
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def submit_folder(tmp_path: Path) -> Path:
+    """A user's folder to launch from (not the repository): the header's relative config paths resolve through a
+    link to the repository's configs."""
+    folder = tmp_path / "submit"
+    folder.mkdir()
+    (folder / "configs").symlink_to(ROOT / "configs")
+    return folder
+
+
+def launched_env(**variables: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in LAUNCHER_VARIABLES}
+    return {**env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), **variables}
+
+
+def test_torchrun_header_command_on_two_local_nodes(tmp_path):
+    assignments, words = header_command(TORCHRUN_TEMPLATE)
+    assert words[0] == "experiments/torchrun_pretrain.sh" and MULTINODE.endswith(words[2]), words
+    assert assignments["NNODES"] == "2"
+    folder = submit_folder(tmp_path)
+    env = launched_env(**{**assignments, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                          "GPUS_PER_NODE": "1"})
+    nodes = [subprocess.Popen(["bash", str(ROOT / words[0]), *words[1:], *CPU_MICRO], cwd=folder,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=150)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    print("\n".join(line for line in outputs[0].splitlines() if any(
+        needle in line for needle in ("trainer.devices", "MEMBER", "max_steps"))))
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "MEMBER: 2/2" in outputs[1]
+    run = folder / "runs/mae_vit_b16_1600ep_in1k/version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert (saved["devices"], saved["num_nodes"]) == (1, 2)
+    assert safe_load(run / "checkpoints/last.ckpt")["global_step"] == 2
+
+
+STAND_IN_SRUN = """#!/bin/bash
+# stand-in srun: records its options, starts SLURM_NTASKS copies of the command on this machine
+echo "$*" >> "$SRUN_LOG"
+while [[ $1 == --* ]]; do shift 2; done
+pids=()
+for ((rank = 0; rank < SLURM_NTASKS; rank++)); do
+    SLURM_PROCID=$rank SLURM_LOCALID=$((rank % SLURM_NTASKS_PER_NODE)) \\
+        SLURM_NODEID=$((rank / SLURM_NTASKS_PER_NODE)) "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_header_command_with_stand_in_srun(tmp_path):
+    assignments, words = header_command(SLURM_TEMPLATE)
+    assert not assignments and words[:3] == ["sbatch", "--nodes", "8"], words
+    template = ROOT / words[3]
+    assert template == SLURM_TEMPLATE
+    folder = submit_folder(tmp_path)
+    # requeue state of other jobs in the submit folder: where Lightning used to put it, and another job's folder
+    (folder / "hpc_ckpt_1.ckpt").write_bytes(b"not a checkpoint")
+    (folder / "slurm-1000").mkdir()
+    (folder / "slurm-1000/hpc_ckpt_1.ckpt").write_bytes(b"not a checkpoint")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(STAND_IN_SRUN)
+    (bin_dir / "scontrol").write_text(
+        f"#!/bin/bash\n[[ $1 == show ]] && printf '   JobId=%s\\n   Command={template}\\n   WorkDir={folder}\\n' $3\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    # sbatch runs a copy of the script from its spool folder
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "slurm_script").write_text(template.read_text())
+    srun_log = tmp_path / "srun.log"
+    env = launched_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SRUN_LOG=str(srun_log),
+                       SLURM_JOB_ID="4242", SLURM_JOB_NAME="lightning-mim", SLURM_SUBMIT_DIR=str(folder),
+                       SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_CPUS_PER_TASK="3",
+                       SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = subprocess.run(["bash", str(spool / "slurm_script"), *words[4:], *CPU_MICRO], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=150)
+    print("\n".join(line for line in result.stdout.splitlines() if any(
+        needle in line for needle in ("lightning-mim:", "trainer.devices", "MEMBER", "max_steps"))))
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert f"checkout {ROOT}" in result.stdout
+    assert srun_log.read_text().split()[:2] == ["--cpus-per-task", "3"]
+    assert "MEMBER: 2/2" in result.stdout
+    assert "Restoring states" not in result.stdout
+    run = folder / "runs/mae_vit_b16_1600ep_in1k/version_4242"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert (saved["devices"], saved["num_nodes"]) == (1, 2)
+    assert safe_load(run / "checkpoints/last.ckpt")["global_step"] == 2
+    assert not (folder / "slurm-4242").exists()  # its job folder held nothing but requeue state
+    assert (folder / "slurm-1000/hpc_ckpt_1.ckpt").is_file()  # another job's state is not this job's to remove
 
 
 TORCHRUN_TWO_NODES = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "RANK": "0",
