@@ -1,6 +1,6 @@
 #!/bin/bash
 # Pre-training with torchrun, on one node or several: run this script on every node with the same NNODES, MASTER_ADDR
-# and MASTER_PORT, and each node's own NODE_RANK (0 .. NNODES-1). For two nodes, on the first:
+# and MASTER_PORT, and each node's own NODE_RANK (0 .. NNODES-1). For two nodes, on the first, from the checkout's root:
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 experiments/torchrun_pretrain.sh \
 #       --config configs/trainer/multinode.yaml --config configs/data/imagenet_folder.yaml \

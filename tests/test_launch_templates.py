@@ -151,8 +151,19 @@ def test_slurm_header_command_with_stand_in_srun(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
     assert (saved["devices"], saved["num_nodes"]) == (1, 2)
     assert safe_load(run / "checkpoints/last.ckpt")["global_step"] == 2
-    assert not (folder / "slurm-4242").exists()  # its job folder held nothing but requeue state
+    assert not (folder / "slurm-4242").exists()  # no requeue state of this job is left
     assert (folder / "slurm-1000/hpc_ckpt_1.ckpt").is_file()  # another job's state is not this job's to remove
+
+
+@pytest.mark.parametrize("template", [TORCHRUN_TEMPLATE, SLURM_TEMPLATE], ids=lambda path: path.name)
+def test_template_without_python_says_what_to_set(tmp_path, template):
+    env = launched_env(SLURM_JOB_ID="4242", LIGHTNING_MIM_ROOT=str(tmp_path))
+    del env["PYTHON"]
+    result = subprocess.run(["bash", str(template)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert "\n" not in message and f"no Python at {tmp_path}/.venv/bin/python" in message
+    assert "LIGHTNING_MIM_ROOT" in message
 
 
 TORCHRUN_TWO_NODES = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "RANK": "0",
