@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import random
 import sys
 import warnings
@@ -17,15 +18,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
-from lightning_mim.reliability import AtomicCheckpointIO
+from lightning_mim.reliability import AtomicCheckpointIO, fit_to_launcher, launcher_layout
 
 
 class RNGState(Callback):
@@ -82,9 +87,54 @@ class MIMCLI(LightningCLI):
         if self.config.get("subcommand") != "fit":
             super()._parse_ckpt_path()
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Also notes which of trainer.devices / trainer.num_nodes the command line itself sets (see
+        `_follow_launcher`)."""
+        words = sys.argv[1:] if args is None else args
+        words = words if isinstance(words, (list, tuple)) else []
+        self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes") if any(
+            word == f"--trainer.{key}" or str(word).startswith(f"--trainer.{key}=") for word in words))
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        """Trainer settings that depend on how the processes were launched."""
+        trainer = self.config.get(str(self.subcommand), self.config).trainer
+        self._follow_launcher(trainer)
+        self._give_slurm_job_its_folder(trainer)
+
+    def _follow_launcher(self, trainer: Namespace) -> None:
+        """Under torchrun or SLURM, trainer.devices and trainer.num_nodes are the launcher's; a value typed on the
+        command line that disagrees stops the run (see `reliability.fit_to_launcher`)."""
+        layout = launcher_layout()
+        if layout is None:
+            return
+        devices, num_nodes = fit_to_launcher(trainer.devices, trainer.num_nodes, layout, self.typed_trainer_keys)
+        if (devices, num_nodes) != (trainer.devices, trainer.num_nodes):
+            rank_zero_info(f"trainer.devices {trainer.devices} -> {devices}, trainer.num_nodes {trainer.num_nodes} -> "
+                           f"{num_nodes} to match the processes {layout.launcher} started ({layout.origin})")
+        trainer.devices, trainer.num_nodes = devices, num_nodes
+
+    @staticmethod
+    def _give_slurm_job_its_folder(trainer: Namespace) -> None:
+        """Under SLURM, default_root_dir becomes `<default_root_dir>/slurm-<job id>`: Lightning writes the requeue
+        checkpoint (`hpc_ckpt_<n>.ckpt`) there and resumes from it when the job is requeued (it keeps its id), so
+        another job started from the same folder never resumes this one's state. TensorBoard and CSV loggers
+        without a version log to `version_<job id>`, as Lightning's default logger does under SLURM, so the
+        requeued job continues the same run's logs."""
+        job_id = SLURMEnvironment.job_id() if SLURMEnvironment.detect() else None
+        if job_id is None:
+            return
+        trainer.default_root_dir = str(Path(trainer.default_root_dir or os.getcwd()) / f"slurm-{job_id}")
+        for logger in trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]:
+            if not isinstance(logger, Namespace) or logger.init_args.get("version") is not None:
+                continue
+            module, _, name = logger.class_path.rpartition(".")
+            if issubclass(getattr(importlib.import_module(module), name), (TensorBoardLogger, CSVLogger)):
+                logger.init_args.version = job_id
+
     def before_fit(self) -> None:
         """Resume automatically when `--checkpoint.dirpath` already holds `last.ckpt` and no ckpt_path is given
-        (a requeued SLURM job with an `hpc_ckpt_*.ckpt` in default_root_dir resumes from that, as Lightning does)."""
+        (a requeued SLURM job with an `hpc_ckpt_*.ckpt` in its job folder resumes from that, as Lightning does)."""
         config = self.config_init[self.subcommand]
         dirpath = config["checkpoint"].dirpath
         requeued = SLURMEnvironment.detect() and any(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
@@ -92,6 +142,18 @@ class MIMCLI(LightningCLI):
                 and (Path(dirpath) / "last.ckpt").is_file()):
             config["ckpt_path"] = str(Path(dirpath) / "last.ckpt")
             print(f"resuming from {config['ckpt_path']} (found in --checkpoint.dirpath)", flush=True)
+
+    def after_fit(self) -> None:
+        """A SLURM run that reached its end removes its requeue checkpoints (and its job folder if that is left
+        empty): only an interrupted run is resumed from them."""
+        if not (SLURMEnvironment.detect() and self.trainer.is_global_zero
+                and self.trainer.state.status == TrainerStatus.FINISHED):
+            return
+        job_folder = Path(self.trainer.default_root_dir)
+        for checkpoint in job_folder.glob("hpc_ckpt_*.ckpt"):
+            checkpoint.unlink()
+        if job_folder.is_dir() and not any(job_folder.iterdir()):
+            job_folder.rmdir()
 
 
 EXTRA_COMMANDS = {

@@ -1,15 +1,17 @@
 """Crash safety: atomic checkpoint writes, weights-only loading, and early checks of configuration values that would
-otherwise fail deep inside a run."""
+otherwise fail deep inside a run (among them the process layout a cluster launcher started)."""
 from __future__ import annotations
 
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -141,3 +143,61 @@ def check_vocabulary(tokenizer_vocab: int, head_classes: int) -> None:
     if tokenizer_vocab != head_classes:
         raise ValueError(f"the prediction head has {head_classes} classes but the tokenizer vocabulary has "
                          f"{tokenizer_vocab} entries; set the head's class count to {tokenizer_vocab}")
+
+
+@dataclass(frozen=True)
+class LauncherLayout:
+    """The processes a cluster launcher started: `per_node` on each of `nodes` nodes. `origin` names the environment
+    variables the numbers come from, for messages."""
+    launcher: str
+    per_node: int
+    nodes: int
+    origin: str
+
+
+def launcher_layout() -> LauncherLayout | None:
+    """The layout torchrun or SLURM's srun started, None when Lightning starts the processes itself. torchrun is
+    looked for first, as Lightning does: it can run inside a SLURM allocation."""
+    if TorchElasticEnvironment.detect():
+        world, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        launcher, origin = "torchrun", f"WORLD_SIZE={world}, LOCAL_WORLD_SIZE={per_node}"
+        nodes = world // per_node
+    elif SLURMEnvironment.detect():
+        world, nodes = int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_NNODES", "1"))
+        per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", world // nodes))
+        launcher = "SLURM"
+        origin = f"SLURM_NTASKS={world}, SLURM_NNODES={nodes}, SLURM_NTASKS_PER_NODE={per_node}"
+    else:
+        return None
+    if per_node * nodes != world:
+        raise ValueError(f"{launcher} started an uneven number of processes per node ({origin}); start the same "
+                         f"number on every node")
+    return LauncherLayout(launcher, per_node, nodes, origin)
+
+
+def _device_count(devices: Any) -> int | None:
+    """How many devices per node a `trainer.devices` value asks for; None for "auto" / -1 (whatever is there)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([index for index in devices.split(",") if index.strip()])
+    if devices in ("auto", "-1", -1, None):
+        return None
+    return int(devices)
+
+
+def fit_to_launcher(devices: Any, num_nodes: int, layout: LauncherLayout,
+                    typed: frozenset[str]) -> tuple[Any, int]:
+    """`trainer.devices` and `trainer.num_nodes` for the processes `layout` started. A value typed on the command line
+    (its name in `typed`) must agree with the launcher; one from a config or a default gives way to it, since a run
+    whose devices x num_nodes differs from the launcher's world size fails, or worse, without DDP trains
+    independent copies that overwrite each other's checkpoints."""
+    count = _device_count(devices)
+    if "devices" in typed and count not in (None, layout.per_node):
+        raise ValueError(f"--trainer.devices {devices} asks for {count} processes per node but {layout.launcher} "
+                         f"started {layout.per_node} ({layout.origin}): set --trainer.devices {layout.per_node} "
+                         f"or leave it out")
+    if "num_nodes" in typed and num_nodes != layout.nodes:
+        raise ValueError(f"--trainer.num_nodes {num_nodes} but {layout.launcher} started {layout.nodes} nodes "
+                         f"({layout.origin}): set --trainer.num_nodes {layout.nodes} or leave it out")
+    return (devices if count == layout.per_node else layout.per_node), layout.nodes

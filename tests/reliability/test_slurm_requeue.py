@@ -1,5 +1,7 @@
-"""SLURM auto-requeue: SIGUSR1 makes Lightning write `hpc_ckpt_<n>.ckpt` (atomically, through our CheckpointIO)
-and call `scontrol requeue <job id>`; the requeued job resumes from that checkpoint on its own."""
+"""SLURM auto-requeue: SIGUSR1 makes Lightning write `hpc_ckpt_<n>.ckpt` (atomically, through our CheckpointIO) into
+the job's own folder, `<default_root_dir>/slurm-<job id>`, and call `scontrol requeue <job id>`. The requeued job
+(same id) resumes from it, logs into the same TensorBoard version and removes it when the run ends; a job with another
+id started from the same folder, even with another configuration, starts afresh."""
 import os
 import signal
 import stat
@@ -10,6 +12,16 @@ import yaml
 from conftest import MICRO, ROOT, cli_command
 
 from lightning_mim.reliability import safe_load
+
+TENSORBOARD = ["--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+               "--trainer.logger.init_args.save_dir", "runs", "--trainer.logger.init_args.name", "mim"]
+
+
+def slurm_env(bin_dir, job_id: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/reliability")]),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": job_id, "SLURM_NTASKS": "1",
+            "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "mim-pretrain", "SLURM_NODEID": "0",
+            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}
 
 
 def test_sigusr1_checkpoints_requeues_and_restart_resumes(tmp_path):
@@ -23,14 +35,9 @@ def test_sigusr1_checkpoints_requeues_and_restart_resumes(tmp_path):
     config = tmp_path / "announce.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "helpers.Announce", "init_args": {"path": str(ready), "step": 2}}]}}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/reliability")]),
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
-           "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "mim-pretrain", "SLURM_NODEID": "0",
-           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}
-    root = tmp_path / "run"
-    command = cli_command("fit", *MICRO, "--config", str(config), "--trainer.max_steps", "100000",
-                          "--trainer.default_root_dir", str(root))
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    command = cli_command("fit", *MICRO, *TENSORBOARD)
+    process = subprocess.Popen([*command, "--config", str(config), "--trainer.max_steps", "100000"], cwd=tmp_path,
+                               env=slurm_env(bin_dir, "4242"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
         deadline = time.monotonic() + 120
@@ -45,12 +52,20 @@ def test_sigusr1_checkpoints_requeues_and_restart_resumes(tmp_path):
         process.kill()
         process.wait()
     assert record.read_text().split() == ["requeue", "4242"]
-    hpc = root / "hpc_ckpt_1.ckpt"
-    step = safe_load(hpc)["global_step"]
+    assert not list(tmp_path.glob("hpc_ckpt_*"))
+    step = safe_load(tmp_path / "slurm-4242/hpc_ckpt_1.ckpt")["global_step"]
     assert step >= 2
 
-    restart = subprocess.run(
-        cli_command("fit", *MICRO, "--trainer.max_steps", str(step + 2), "--trainer.default_root_dir", str(root)),
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    other = subprocess.run([*command, "--model.mask_ratio", "0.6", "--trainer.max_steps", "2"], cwd=tmp_path,
+                           env=slurm_env(bin_dir, "5151"), capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "Restoring states" not in other.stdout + other.stderr
+
+    restart = subprocess.run([*command, "--trainer.max_steps", str(step + 2)], cwd=tmp_path,
+                             env=slurm_env(bin_dir, "4242"), capture_output=True, text=True, timeout=300)
     assert restart.returncode == 0, restart.stderr[-3000:]
-    assert "hpc_ckpt_1.ckpt" in restart.stdout + restart.stderr
+    assert "slurm-4242/hpc_ckpt_1.ckpt" in restart.stdout + restart.stderr
+    assert not (tmp_path / "slurm-4242").exists()
+    versions = tmp_path / "runs/mim"
+    assert sorted(path.name for path in versions.iterdir()) == ["version_4242", "version_5151"]
+    assert len(list((versions / "version_4242").glob("events.out.tfevents.*"))) == 2
