@@ -42,11 +42,14 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, noise: 
     return RandomMask(shuffle_idx[:, :num_keep], mask, restore_idx, shuffle_idx)
 
 
-def _check_cells(grid_size: tuple[int, int], cell: int, what: str) -> tuple[int, int]:
+def check_cell_size(grid_size: tuple[int, int], cell: int, what: str = "mask") -> tuple[int, int]:
+    """The (rows, cols) of `cell` x `cell` patch cells tiling the patch grid; a clear error when they do not."""
     grid_h, grid_w = grid_size
     if cell < 1 or grid_h % cell or grid_w % cell:
+        divisors = [d for d in range(1, min(grid_size) + 1) if grid_h % d == 0 and grid_w % d == 0]
         raise ValueError(f"{what}: a cell of {cell} x {cell} patches does not tile the {grid_h} x {grid_w} patch grid; "
-                         f"pick an image size whose patch grid is a multiple of {cell}, or another mask cell size")
+                         f"use a mask cell of {divisors} patches (mask_patch_size = cell x patch size) or an image "
+                         f"size whose patch grid is a multiple of {cell}")
     return grid_h // cell, grid_w // cell
 
 
@@ -62,7 +65,7 @@ def simmim_masking(batch_size: int, grid_size: tuple[int, int], cell: int, mask_
     ceil(cells * mask_ratio) cells per image are masked, those with the smallest noise (a uniform random subset, as
     the official permutation draws it). noise: (B, cells) in the cells' raster order. Returns (B, L) float."""
     check_mask_ratio(mask_ratio)
-    cells_h, cells_w = _check_cells(grid_size, cell, "SimMIM masking")
+    cells_h, cells_w = check_cell_size(grid_size, cell, "SimMIM masking")
     num_cells = cells_h * cells_w
     if noise is None:
         noise = torch.rand(batch_size, num_cells, device=device, generator=generator)
@@ -77,7 +80,7 @@ def simmim_masking(batch_size: int, grid_size: tuple[int, int], cell: int, mask_
 def checkerboard_mask(grid_size: tuple[int, int], cell: int = 1, phase: int = 0) -> torch.Tensor:
     """SymMIM's fixed checkerboard: M(i, j) = (i // cell + j // cell + phase) mod 2 over the patch grid, (L,) float.
     cell 1 is the small-scale mask M1, cell k the large-scale M2."""
-    _check_cells(grid_size, cell, "checkerboard mask")
+    check_cell_size(grid_size, cell, "checkerboard mask")
     rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
     return ((rows // cell + cols // cell + phase) % 2).float().flatten()
 

@@ -126,16 +126,6 @@ def check_same_experiment(checkpoint: dict[str, Any], model_hparams: dict[str, A
             "`lightning-mim export` and the fine-tuning / evaluation commands")
 
 
-def check_cell_size(grid: int, cell: int) -> None:
-    """SymMIM's checkerboard masks a `grid` x `grid` patch grid in `cell` x `cell` blocks: `cell` must divide it."""
-    if grid <= 0 or cell <= 0:
-        raise ValueError(f"grid ({grid}) and cell ({cell}) must be positive")
-    if grid % cell:
-        divisors = [d for d in range(1, grid + 1) if grid % d == 0]
-        raise ValueError(f"checkerboard cell size {cell} does not divide the {grid} x {grid} patch grid; "
-                         f"choose one of {divisors}")
-
-
 def check_vocabulary(tokenizer_vocab: int, head_classes: int) -> None:
     """MaPeT predicts tokenizer ids: its head needs exactly one output per vocabulary entry."""
     if tokenizer_vocab <= 0:

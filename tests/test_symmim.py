@@ -238,3 +238,16 @@ def test_print_config_of_symmim_recipes(recipe):
     assert "class_path: lightning_mim.methods.SymMIM" in result.stdout
     for key in ("temperature: 0.2", "momentum_base: 0.99", "mask_phase: fixed", "con: 1.0"):
         assert key in result.stdout
+
+
+def test_vit_b16_shapes():
+    model = SymMIM(backbone=dict(size="base", img_size=224, patch_size=16, pos_embed="learned", init="timm"))
+    images = torch.randn(2, 3, 224, 224)
+    online, momentum = model.masks(2, images.device)
+    assert online.sum(1).tolist() == [98.0, 98.0] and momentum.sum(1).tolist() == [96.0, 96.0]
+    with torch.no_grad():
+        tokens = model.encode_masked(images, online)
+        query = model.predictor(model.projector(model.embedding_tokens(tokens)))
+        key = model.momentum_key(images, momentum)
+    assert tokens.shape == (2, 197, 768) and model.predict_pixels(tokens).shape == (2, 196, 768)
+    assert query.shape == key.shape == (2, 256)

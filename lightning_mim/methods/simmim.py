@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.losses import denormalize_patches, masked_l1
-from lightning_mim.masking import simmim_masking
+from lightning_mim.masking import check_cell_size, check_mask_ratio, simmim_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 
 
@@ -51,9 +51,11 @@ class SimMIM(MIMMethod):
         if mask_patch_size % self.backbone.patch_size:
             raise ValueError(f"mask_patch_size {mask_patch_size} is not a multiple of the patch size "
                              f"{self.backbone.patch_size}: use e.g. {2 * self.backbone.patch_size}")
+        check_mask_ratio(mask_ratio)
         self.mask_ratio = mask_ratio
         self.mask_cell = mask_patch_size // self.backbone.patch_size
-        simmim_masking(1, self.backbone.grid_size, self.mask_cell, mask_ratio)  # fails now on a bad grid or ratio
+        check_cell_size(self.backbone.grid_size, self.mask_cell, f"{type(self).__name__} mask_patch_size "
+                        f"{mask_patch_size} at image size {self.image_size}, patch {self.backbone.patch_size}")
         width = self.backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)

@@ -4,8 +4,10 @@ from conftest import MICRO
 
 from lightning_mim.cli import run_cli
 from lightning_mim.data import MIMDataModule
+from lightning_mim.masking import check_cell_size
+from lightning_mim.methods import SymMIM
 from lightning_mim.methods.base import OptimConfig, cosine_momentum
-from lightning_mim.reliability import check_cell_size, check_vocabulary
+from lightning_mim.reliability import check_vocabulary
 
 CLI_CASES = {
     "img_size_not_divisible": (["--model.backbone.img_size", "30"], "30"),
@@ -64,10 +66,15 @@ def test_optim_and_momentum_constructors():
 @pytest.mark.parametrize("grid,cell,ok", [(14, 2, True), (14, 7, True), (14, 4, False), (14, 0, False)])
 def test_check_cell_size(grid, cell, ok):
     if ok:
-        check_cell_size(grid, cell)
+        assert check_cell_size((grid, grid), cell) == (grid // cell, grid // cell)
     else:
-        with pytest.raises(ValueError, match=str(cell)):
-            check_cell_size(grid, cell)
+        with pytest.raises(ValueError, match=rf"a cell of {cell} x {cell} .* use a mask cell of \[1, 2, 7, 14\]"):
+            check_cell_size((grid, grid), cell)
+
+
+def test_symmim_coarse_cells_must_tile_the_grid():
+    with pytest.raises(ValueError, match=r"SymMIM mask_patch_size 8 at image size 28, patch 4: a cell of 2 x 2 .*\[1, 7\]"):
+        SymMIM(backbone=dict(size="micro", img_size=28, patch_size=4), mask_patch_size=8)
 
 
 def test_check_vocabulary():
