@@ -159,3 +159,36 @@ def test_attention_is_fused_sdpa(monkeypatch):
     mask = torch.ones(1, 1, 65, 65, dtype=torch.bool)
     model.forward_full(torch.randn(1, 3, 32, 32), attn_mask=mask)
     assert calls == [True] * len(model.blocks)
+
+
+def test_drop_path_draws_can_be_passed_in():
+    torch.manual_seed(0)
+    model = build_backbone(size="micro", img_size=16, patch_size=4, drop_path_rate=0.3).train()
+    rates = model.drop_path_rates()
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and len(rates) == 4
+    tokens = model.prepend_prefix(model.embed_patches(torch.randn(3, 3, 16, 16)))
+    everything = torch.ones(4, 2, 3)
+    with torch.no_grad():
+        kept = model.forward_tokens(tokens, drop_path_keep=everything)
+        reference = model.eval().forward_tokens(tokens)  # no stochastic depth in eval mode
+        # dropping sample 1's attention branch of the last block: its output changes, the others' do not
+        keep = everything.clone()
+        keep[3, 0, 1] = 0.0
+        dropped = model.train().forward_tokens(tokens, drop_path_keep=keep)
+    # a kept branch is scaled by 1 / (1 - rate) in training, as timm's DropPath does
+    assert not torch.allclose(kept, reference)
+    block = model.blocks[3]
+    manual = model.norm_pre(tokens)
+    for index, current in enumerate(model.blocks[:3]):
+        scale = 1.0 / (1.0 - rates[index])
+        manual = manual + scale * current.ls1(current.attn(current.norm1(manual)))
+        manual = manual + scale * current.ls2(current.mlp(current.norm2(manual)))
+    scale = 1.0 / (1.0 - rates[3])
+    attn = block.ls1(block.attn(block.norm1(manual)))
+    manual = manual + scale * attn * torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+    manual = manual + scale * block.ls2(block.mlp(block.norm2(manual)))
+    torch.testing.assert_close(dropped, model.norm(manual).detach())
+    assert torch.equal(dropped[[0, 2]], kept[[0, 2]]) and not torch.allclose(dropped[1], kept[1])
+    draws = model.draw_drop_path_keep(20000, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (4, 2, 20000) and torch.all(draws[0] == 1.0)
+    assert draws[3].mean().item() == pytest.approx(0.7, abs=0.02)

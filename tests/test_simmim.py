@@ -84,6 +84,18 @@ def test_linear_head_predicts_every_patch_and_loss_is_masked_l1():
     torch.testing.assert_close(model.compute_losses(images, noise)["mim"], official)
 
 
+def test_every_draw_can_be_passed_in():
+    model = SimMIM(backbone=dict(size="micro", img_size=32, patch_size=4, drop_path_rate=0.1), mask_patch_size=8)
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    keep = model.backbone.draw_drop_path_keep(2, generator=torch.Generator().manual_seed(0))
+    first = model.compute_losses(images, noise, keep)["mim"]
+    torch.manual_seed(123)  # the global generator must not matter once every draw is given
+    assert torch.equal(model.compute_losses(images, noise, keep)["mim"], first)
+    other = keep.clone()
+    other[-1] = 1.0 - other[-1]
+    assert not torch.equal(model.compute_losses(images, noise, other)["mim"], first)
+
+
 def test_masked_l1_by_hand():
     target = torch.zeros(1, 4, 1)
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])

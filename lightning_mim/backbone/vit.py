@@ -158,32 +158,49 @@ class MIMViT(VisionTransformer):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1)
 
-    def forward_tokens(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def drop_path_rates(self) -> list[float]:
+        """Each block's stochastic-depth rate (timm's linear decay rule up to `drop_path_rate`)."""
+        return [float(getattr(block.drop_path1, "drop_prob", 0.0)) for block in self.blocks]
+
+    def draw_drop_path_keep(self, batch_size: int, device: torch.device | str | None = None,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Stochastic-depth draws (depth, 2, B): 1 keeps block i's attention (0) / MLP (1) branch for a sample, with
+        probability 1 - rate_i, as timm's DropPath draws them."""
+        rates = torch.tensor(self.drop_path_rates(), device=device)
+        draws = torch.rand(len(rates), 2, batch_size, device=device, generator=generator)
+        return (draws >= rates[:, None, None]).float()
+
+    def forward_tokens(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       drop_path_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Run the transformer blocks and the final norm on a prepared sequence.
 
         `attn_mask` follows `F.scaled_dot_product_attention`: bool with True = may attend, or an additive float
-        mask; shape broadcastable to (B, heads, N, N).
+        mask; shape broadcastable to (B, heads, N, N). `drop_path_keep` (depth, 2, B) replaces the blocks' own
+        stochastic-depth draws (`draw_drop_path_keep`): a kept branch is scaled by 1 / (1 - rate), as in timm.
         """
         tokens = self.norm_pre(tokens)
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if use_checkpoint:
-                tokens = checkpoint(block, tokens, attn_mask, use_reentrant=False)
+        for index, block in enumerate(self.blocks):
+            if drop_path_keep is None:
+                run, args = block, (tokens, attn_mask)
             else:
-                tokens = block(tokens, attn_mask=attn_mask)
+                run, args = _block_with_drop_path, (block, tokens, attn_mask, drop_path_keep[index])
+            tokens = checkpoint(run, *args, use_reentrant=False) if use_checkpoint else run(*args)
         return self.norm(tokens)
 
-    def forward_kept(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    def forward_kept(self, images: torch.Tensor, keep_idx: torch.Tensor,
+                     drop_path_keep: torch.Tensor | None = None) -> torch.Tensor:
         """MAE encoder: encode only the patches at `keep_idx` (B, K), in that order. Returns (B, prefix + K, D)."""
         tokens = self.embed_patches(images)
         kept = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return self.forward_tokens(self.prepend_prefix(kept))
+        return self.forward_tokens(self.prepend_prefix(kept), drop_path_keep=drop_path_keep)
 
     def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
-                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attn_mask: torch.Tensor | None = None, drop_path_keep: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """SimMIM / BEiT encoder: every patch, removed ones replaced by `mask_token`. Returns (B, prefix + L, D)."""
         tokens = self.embed_patches(images, mask, mask_token)
-        return self.forward_tokens(self.prepend_prefix(tokens), attn_mask)
+        return self.forward_tokens(self.prepend_prefix(tokens), attn_mask, drop_path_keep)
 
     def forward_full(self, images: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """All patches, no masking. Returns (B, prefix + L, D) after the final norm."""
@@ -197,6 +214,15 @@ class MIMViT(VisionTransformer):
                 raise ValueError("pool='cls' needs a backbone with class_token=True")
             return tokens[:, 0]
         return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+
+
+def _block_with_drop_path(block: nn.Module, tokens: torch.Tensor, attn_mask: torch.Tensor | None,
+                          keep: torch.Tensor) -> torch.Tensor:
+    """timm's Block.forward with given stochastic-depth draws `keep` (2, B) instead of its DropPath modules'."""
+    rate = getattr(block.drop_path1, "drop_prob", 0.0)
+    scale = (keep / (1.0 - rate) if rate < 1.0 else keep).to(tokens.dtype)[:, :, None, None]
+    tokens = tokens + scale[0] * block.ls1(block.attn(block.norm1(tokens), attn_mask=attn_mask))
+    return tokens + scale[1] * block.ls2(block.mlp(block.norm2(tokens)))
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

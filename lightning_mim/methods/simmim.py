@@ -77,21 +77,24 @@ class SimMIM(MIMMethod):
         return simmim_masking(batch_size, self.backbone.grid_size, self.mask_cell, self.mask_ratio, noise=noise,
                               device=device)
 
-    def encode_masked(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, prefix + L, D): every patch encoded, masked ones as the mask token."""
-        return self.backbone.forward_masked(images, mask, self.mask_token)
+    def encode_masked(self, images: torch.Tensor, mask: torch.Tensor, drop_path_keep: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """(B, prefix + L, D): every patch encoded, masked ones as the mask token; `drop_path_keep` (depth, 2, B)
+        fixes the stochastic-depth draws (`backbone.draw_drop_path_keep`)."""
+        return self.backbone.forward_masked(images, mask, self.mask_token, drop_path_keep=drop_path_keep)
 
     def predict_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(tokens[:, self.backbone.num_prefix_tokens:])
 
-    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
+                drop_path_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the per-patch prediction (B, L, p*p*C) and the mask (B, L), 1 = masked."""
         mask = self.draw_mask(images.shape[0], images.device, noise)
-        return self.predict_pixels(self.encode_masked(images, mask)), mask
+        return self.predict_pixels(self.encode_masked(images, mask, drop_path_keep)), mask
 
-    def compute_losses(self, views: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        pred, mask = self(views, noise)
+    def compute_losses(self, views: torch.Tensor, noise: torch.Tensor | None = None,
+                       drop_path_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        pred, mask = self(views, noise, drop_path_keep)
         return {"mim": masked_l1(pred, self.backbone.patchify(views), mask)}
 
     @torch.no_grad()

@@ -128,11 +128,14 @@ class SymMIM(SimMIM):
         keys, offset = gather_keys(key)
         return info_nce(query, keys, self.temperature, offset, self.scale_2tau)
 
-    def compute_losses(self, views: torch.Tensor, phases: tuple[torch.Tensor, torch.Tensor] | None = None
+    def compute_losses(self, views: torch.Tensor, phases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       drop_path_keep: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
                        ) -> dict[str, torch.Tensor]:
+        """`phases` fixes the random mask phases; `drop_path_keep` the stochastic-depth draws (depth, 2, B) of the
+        online and the momentum encoder (drop path is 0 in the spec; the momentum branch runs in train mode)."""
         batch_size = views.shape[0]
         online_mask, momentum_mask = self.masks(batch_size, views.device, phases)
-        online_tokens = self.encode_masked(views, online_mask)
+        online_tokens = self.encode_masked(views, online_mask, drop_path_keep[0])
         patches = self.backbone.patchify(views)
         pred = self.predict_pixels(online_tokens)
         if self.recon_loss == "l1":
@@ -143,14 +146,15 @@ class SymMIM(SimMIM):
         if self.symmetric:
             pairs.append((self.encode_masked(views, momentum_mask), online_mask))
         con = torch.stack([self.contrast(self.predictor(self.projector(self.embedding_tokens(tokens))),
-                                         self.momentum_key(views, key_mask), batch_size)
+                                         self.momentum_key(views, key_mask, drop_path_keep[1]), batch_size)
                            for tokens, key_mask in pairs]).mean()
         return {"mim": mim, "con": con}
 
     @torch.no_grad()
-    def momentum_key(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def momentum_key(self, images: torch.Tensor, mask: torch.Tensor, drop_path_keep: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         teacher = self.teacher
-        tokens = teacher.backbone.forward_masked(images, mask, teacher.mask_token)
+        tokens = teacher.backbone.forward_masked(images, mask, teacher.mask_token, drop_path_keep=drop_path_keep)
         return teacher.projector(self.embedding_tokens(tokens))
 
     def on_fit_start(self) -> None:
