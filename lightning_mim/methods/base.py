@@ -18,6 +18,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.losses import denormalize_patches
 from lightning_mim.nonfinite import NonFiniteStepGuard
 from lightning_mim.reliability import check_same_experiment
 
@@ -183,6 +184,7 @@ class MIMMethod(L.LightningModule, abc.ABC):
     may override `train_transform`, `reconstruct` and `validation_views`. Total loss = sum of loss_weights[k] * term."""
 
     default_loss_weights: dict[str, float] = {}
+    norm_pix_target = False  # True where the method predicts per-patch normalised pixels (MAE's norm_pix_loss)
 
     def __init__(self, backbone: BackboneConfig | dict | None = None, optim: OptimConfig | dict | None = None,
                  loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg") -> None:
@@ -288,14 +290,19 @@ class MIMMethod(L.LightningModule, abc.ABC):
         for name, value in losses.items():
             self.log(f"val/loss_{name}", value, sync_dist=True, batch_size=images.shape[0])
 
-    def paste_reconstruction(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
-                             ) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The `val/reconstruction` rows: the input, the input with masked patches (mask = 1) blanked, and the input
-        with the per-patch predictions (B, L, p*p*C) pasted into them."""
+        with the predictions pasted into them. For methods whose `forward(images)` returns the per-patch prediction
+        (B, L, p*p*C) and the mask (B, L); a prediction of normalised patches (`norm_pix_target`) is shown with the
+        true patch statistics put back."""
+        pred, mask = self(images)
         patches = self.backbone.patchify(images).float()
+        if self.norm_pix_target:
+            pred = denormalize_patches(pred, patches)
         keep = 1.0 - mask.unsqueeze(-1)
         return {"input": images, "masked": self.backbone.unpatchify(patches * keep),
-                "reconstruction": self.backbone.unpatchify(patches * keep + pred * (1.0 - keep))}
+                "reconstruction": self.backbone.unpatchify(patches * keep + pred.float() * (1.0 - keep))}
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:

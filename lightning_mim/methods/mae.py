@@ -11,7 +11,7 @@ import torch
 
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.heads import MAEDecoder
-from lightning_mim.losses import denormalize_patches, masked_mse, normalize_patches
+from lightning_mim.losses import masked_mse, normalize_patches
 from lightning_mim.masking import check_mask_ratio, random_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 
@@ -39,6 +39,10 @@ class MAE(MIMMethod):
         latent = self.backbone.forward_kept(images, draw.keep_idx)
         return self.decoder(latent, draw.restore_idx), draw.mask
 
+    @property
+    def norm_pix_target(self) -> bool:
+        return self.norm_pix_loss
+
     def target(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.backbone.patchify(images)
         return normalize_patches(patches) if self.norm_pix_loss else patches.float()
@@ -46,10 +50,3 @@ class MAE(MIMMethod):
     def compute_losses(self, views: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pred, mask = self(views, noise)
         return {"mim": masked_mse(pred, self.target(views), mask)}
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pred, mask = self(images)
-        if self.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics, for display only
-            pred = denormalize_patches(pred, self.backbone.patchify(images))
-        return self.paste_reconstruction(images, pred.float(), mask)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig
-from lightning_mim.losses import denormalize_patches, masked_l1
+from lightning_mim.losses import masked_l1
 from lightning_mim.masking import check_cell_size, check_mask_ratio, simmim_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 
@@ -60,7 +60,6 @@ class SimMIM(MIMMethod):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         self.head = nn.Linear(width, self.backbone.patch_size ** 2 * self.in_chans)
-        self.norm_pix_target = False
 
     def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
         """SimMIM's view: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3, bilinear) + horizontal flip."""
@@ -96,10 +95,3 @@ class SimMIM(MIMMethod):
                        drop_path_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pred, mask = self(views, noise, drop_path_keep)
         return {"mim": masked_l1(pred, self.backbone.patchify(views), mask)}
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pred, mask = self(images)
-        if self.norm_pix_target:  # undo the per-patch normalisation with the true patch statistics, for display only
-            pred = denormalize_patches(pred, self.backbone.patchify(images))
-        return self.paste_reconstruction(images, pred.float(), mask)
