@@ -66,3 +66,11 @@ def test_ddp_two_cpu_processes(tmp_path, method_args):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "lightning_mim", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "extra subcommands: make-shards" in result.stdout and "{fit,validate,test,predict}" in result.stdout
