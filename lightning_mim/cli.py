@@ -17,10 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
@@ -52,6 +55,21 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+PLACEHOLDER_LOGGER_NAME = "lightning_logs"  # the default name of Lightning's TensorBoard and CSV loggers
+
+
+def run_name(config: Namespace) -> str:
+    """`<method>_<recipe>`: the method's name in lower case and the stem of the last `--config` file that sets the
+    model (configs/lut/vit_b16_1600ep_in1k.yaml: lut_vit_b16_1600ep_in1k; mae_flowers.yaml: mae_flowers); the
+    method's name alone when no file sets the model."""
+    method = config.model.class_path.rpartition(".")[2].lower()
+    recipes = [Path(str(path)).stem for path in config.get("config") or []
+               if "model" in (yaml.safe_load(path.get_content()) or {})]
+    if not recipes:
+        return method
+    return recipes[-1] if recipes[-1].startswith(f"{method}_") else f"{method}_{recipes[-1]}"
+
+
 class MIMCLI(LightningCLI):
     """Method chosen with `--model <Name>` (or `class_path` in YAML); one DataModule; the monitoring callbacks and
     checkpointing are top-level groups (`--knn.*`, `--throughput.*`, `--reconstruction.*`, `--checkpoint.*`,
@@ -64,6 +82,17 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
         parser.add_lightning_class_args(CompileLosses, "compile")
+        parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
+
+    def before_instantiate_classes(self) -> None:
+        """A logger left with Lightning's placeholder name is named after the run's recipe (`run_name`), so logs go
+        to `runs/<recipe>/version_N`."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+            if init_args is not None and init_args.get("name") == PLACEHOLDER_LOGGER_NAME:
+                init_args.name = run_name(config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another

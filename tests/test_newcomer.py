@@ -1,0 +1,73 @@
+"""What a new user meets first: run folders named after their recipe, one-line configuration errors, no empty run
+folders after a failed start."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import Namespace
+
+from lightning_mim.cli import MIMCLI, run_cli
+from lightning_mim.data import MIMDataModule
+from lightning_mim.methods import MIMMethod
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = ROOT / "configs/mae/vit_micro_p4_demo_fmnist.yaml"
+RECIPES = sorted([*(ROOT / "configs/mae").glob("*.yaml"), *(ROOT / "configs/lut").glob("*.yaml")])
+
+
+class Named(Exception):
+    """Raised with the logger configuration once the CLI has named the run, before any model is built."""
+
+
+class NamingOnly(MIMCLI):
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        raise Named(self.config[self.subcommand].trainer.logger)
+
+
+def logger_of(*args: str) -> Namespace:
+    with pytest.raises(Named) as stop:
+        NamingOnly(MIMMethod, MIMDataModule, subclass_mode_model=True, args=["fit", *args])
+    return stop.value.args[0]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_each_recipe_logs_under_runs_and_its_own_name(recipe: Path) -> None:
+    logger = logger_of("--config", str(recipe))
+    assert logger.init_args.save_dir == "runs"
+    assert logger.init_args.name == f"{recipe.parent.name}_{recipe.stem}"
+
+
+def test_a_users_own_recipe_names_the_run_not_the_demo(tmp_path: Path) -> None:
+    own = tmp_path / "flowers.yaml"
+    own.write_text(DEMO_RECIPE.read_text())
+    assert logger_of("--config", str(own)).init_args.name == "mae_flowers"
+    overrides = tmp_path / "lut_bigger_decoder.yaml"
+    overrides.write_text(yaml.safe_dump({"model": {"class_path": "lightning_mim.methods.LUT",
+                                                   "init_args": {"decoder_depth": 2}}}))
+    assert logger_of("--config", str(DEMO_RECIPE), "--config", str(overrides)).init_args.name == "lut_bigger_decoder"
+    data_only = tmp_path / "my_data.yaml"
+    data_only.write_text(yaml.safe_dump({"data": {"batch_size": 8}}))
+    assert logger_of("--config", str(DEMO_RECIPE), "--config", str(data_only)).init_args.name == \
+        "mae_vit_micro_p4_demo_fmnist"
+    own.rename(tmp_path / "mae_flowers.yaml")
+    assert logger_of("--config", str(tmp_path / "mae_flowers.yaml")).init_args.name == "mae_flowers"
+    assert logger_of("--model", "LUT").init_args.name == "lut"
+    assert logger_of("--model", "LUT", "--trainer.logger.init_args.name", "mine").init_args.name == "mine"
+
+
+def test_a_run_logs_to_runs_recipe_version(tmp_path: Path) -> None:
+    recipe = tmp_path / "flowers.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"class_path": "lightning_mim.methods.MAE", "init_args": {
+        "backbone": {"size": "micro", "img_size": 16, "patch_size": 4}, "decoder_dim": 32, "decoder_depth": 1,
+        "decoder_heads": 2, "optim": {"lr": 1e-3, "warmup_steps": 1}}}}))
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/trainer/cpu.yaml"), "--config", str(recipe),
+                   "--data.source", "synthetic", "--data.synthetic_size", "32", "--data.synthetic_image_size", "16",
+                   "--data.batch_size", "16", "--data.num_workers", "0", "--data.knn_bank_size", "16",
+                   "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+                   "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert Path(cli.trainer.logger.log_dir) == tmp_path / "runs" / "mae_flowers" / "version_0"
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).parent == \
+        tmp_path / "runs" / "mae_flowers" / "version_0" / "checkpoints"
