@@ -9,12 +9,17 @@
 from __future__ import annotations
 
 import importlib
+import os
+import pickle
 import random
+import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
+import jsonargparse
 import numpy as np
 import torch
 import yaml
@@ -28,7 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
-from lightning_mim.reliability import AtomicCheckpointIO
+from lightning_mim.reliability import AtomicCheckpointIO, UnsafeCheckpointError
 
 
 class RNGState(Callback):
@@ -94,6 +99,19 @@ class MIMCLI(LightningCLI):
             if init_args is not None and init_args.get("name") == PLACEHOLDER_LOGGER_NAME:
                 init_args.name = run_name(config)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A run that stops with an error before its first optimiser step leaves no log folder behind: the logger
+        creates `version_N` before the data and the model are set up."""
+        new_log_dirs = [Path(logger.log_dir) for logger in self.trainer.loggers
+                        if isinstance(getattr(logger, "log_dir", None), str) and not Path(logger.log_dir).exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception:
+            if self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                for log_dir in new_log_dirs:
+                    shutil.rmtree(log_dir, ignore_errors=True)
+            raise
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
         CheckpointIO; RNG states travel in every checkpoint."""
@@ -141,15 +159,44 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MIMCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
+# Errors of bad input: configuration checks, missing files, refused checkpoints.
+CONFIGURATION_ERRORS = (ValueError, FileNotFoundError, UnsafeCheckpointError, pickle.UnpicklingError)
+DEBUG_VARIABLE = "LIGHTNING_MIM_DEBUG"
+
+
+def configuration_error_message(error: BaseException) -> str:
+    """The message of the check that failed. jsonargparse reports an error raised while it builds a class as
+    'Does not validate against any of the Union subtypes' with every alternative it tried; the check's own error is
+    the first cause raised outside jsonargparse."""
+    jsonargparse_dir = str(Path(jsonargparse.__file__).parent)
+    while error.__cause__ is not None and \
+            traceback.extract_tb(error.__traceback__)[-1].filename.startswith(jsonargparse_dir):
+        error = error.__cause__
+    return str(error)
+
+
+def run_command(words: list[str]) -> None:
+    """Run `lightning-mim <words>`: a LightningCLI subcommand or one of EXTRA_COMMANDS."""
     if words and words[0] in EXTRA_COMMANDS:
         module = importlib.import_module(EXTRA_COMMANDS[words[0]][0])
         module.main(words[1:])
         return
     if words and words[0] in ("-h", "--help"):
         print("extra subcommands: " + "; ".join(f"{name}: {text}" for name, (_, text) in EXTRA_COMMANDS.items()))
-    run_cli(argv)
+    run_cli(words)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`lightning-mim`. A configuration error ends it with the error's message, which names the fix, on one line;
+    with LIGHTNING_MIM_DEBUG=1 the error is raised with its traceback."""
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+    except CONFIGURATION_ERRORS as error:
+        if os.environ.get(DEBUG_VARIABLE) == "1":
+            raise
+        print(f"lightning-mim: error: {configuration_error_message(error)}\n({DEBUG_VARIABLE}=1 shows the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import yaml
 from jsonargparse import Namespace
@@ -71,3 +72,64 @@ def test_a_run_logs_to_runs_recipe_version(tmp_path: Path) -> None:
     assert Path(cli.trainer.logger.log_dir) == tmp_path / "runs" / "mae_flowers" / "version_0"
     assert Path(cli.trainer.checkpoint_callback.last_model_path).parent == \
         tmp_path / "runs" / "mae_flowers" / "version_0" / "checkpoints"
+
+
+MICRO_FIT = ["fit", "--config", str(ROOT / "configs/trainer/cpu.yaml"), "--model", "MAE",
+             "--model.backbone.size", "micro", "--model.backbone.img_size", "16", "--model.backbone.patch_size", "4",
+             "--model.decoder_dim", "32", "--model.decoder_depth", "1", "--model.decoder_heads", "2",
+             "--data.source", "synthetic", "--data.synthetic_size", "32", "--data.synthetic_image_size", "16",
+             "--data.batch_size", "16", "--data.num_workers", "0", "--data.knn_bank_size", "16",
+             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+
+
+def error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model.backbone.img_size", "30"], "image size 30 is not divisible by patch size 4: pick an image size"),
+    (["--model.mask_ratio", "1.0"], "mask ratio must lie in (0, 1), got 1.0: e.g. 0.75 for MAE"),
+    (["--data.source", "imagefolder", "--data.data_dir", "/nonexistent/images"],
+     "/nonexistent/images/train is not a directory; source 'imagefolder' expects DATA_DIR/train/<class>/<image>"),
+], ids=["model_check", "method_check", "data_setup"])
+def test_a_configuration_error_prints_one_line_and_leaves_no_run_folder(tmp_path: Path, capsys, monkeypatch,
+                                                                       extra: list[str], message: str) -> None:
+    from lightning_mim.cli import main
+
+    monkeypatch.delenv("LIGHTNING_MIM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main([*MICRO_FIT, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), *extra])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"lightning-mim: error: {message}" in err
+    assert [line for line in err.splitlines() if line.startswith("lightning-mim: error:")] == \
+        [next(line for line in err.splitlines() if message in line)]
+    assert "LIGHTNING_MIM_DEBUG=1" in err
+    assert not list((tmp_path / "runs").glob("*/version_*"))
+
+
+def test_debug_flag_keeps_the_traceback(tmp_path: Path, monkeypatch) -> None:
+    from lightning_mim.cli import main
+
+    monkeypatch.setenv("LIGHTNING_MIM_DEBUG", "1")
+    with pytest.raises(ValueError, match="image size 30 is not divisible"):
+        main([*MICRO_FIT, "--trainer.logger", "false", "--model.backbone.img_size", "30"])
+
+
+class FailAfterFirstStep(L.Callback):
+    """Stops a run with an error once it has made an optimiser step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= 1:
+            raise ValueError("failed after a step")
+
+
+def test_a_run_that_trained_keeps_its_folder_when_it_fails(tmp_path: Path, monkeypatch) -> None:
+    from lightning_mim.cli import main
+
+    monkeypatch.setenv("LIGHTNING_MIM_DEBUG", "1")
+    with pytest.raises(ValueError, match="failed after a step"):
+        main([*MICRO_FIT, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "3",
+              "--trainer.callbacks+=test_newcomer.FailAfterFirstStep"])
+    assert [path.name for path in (tmp_path / "runs" / "mae").iterdir()] == ["version_0"]
