@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,19 @@ def test_evaluate_writes_both_result_files(tmp_path: Path) -> None:
     assert written[-1]["run"] == "random:mae/version_0" and written[-1]["method"] == "MAE"
     assert written[-1]["config_hash"] == written[0]["config_hash"]
     assert written[-1]["top1"] == written[-2]["top1"]
+
+    # the encoder exported from the checkpoint, and the checkpoint kept outside the run folder: same method, config
+    # hash and run
+    exported, kept = tmp_path / "encoder.safetensors", tmp_path / "kept" / "best.ckpt"
+    cli_main(["export", str(checkpoint), str(exported)])
+    kept.parent.mkdir()
+    shutil.copy(checkpoint, kept)
+    for path in exported, kept:
+        cli_main(["evaluate", "--ckpt", str(path), "--protocols", "knn", "--results", str(results), *ARGS])
+    written = read_rows(results)
+    assert [row["run"] for row in written[-2:]] == ["mae/version_0/encoder.safetensors", "mae/version_0/best.ckpt"]
+    assert {(row["method"], row["config_hash"]) for row in written[-2:]} == {("MAE", written[0]["config_hash"])}
+    assert written[-2]["top1"] == written[-1]["top1"] == written[0]["top1"]
 
 
 def test_evaluate_linear_probe_under_two_process_ddp_writes_one_row(tmp_path: Path) -> None:

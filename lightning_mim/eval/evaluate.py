@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import inspect
 import json
 import tempfile
@@ -43,8 +42,9 @@ from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.knn import extract_features, knn_accuracy
 from lightning_mim.eval.linear import LinearProbe
-from lightning_mim.eval.weights import backbone_config_of, load_encoder_state, load_into, read_checkpoint, save_encoder
-from lightning_mim.methods.base import to_plain
+from lightning_mim.eval.weights import (
+    backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, save_encoder,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp")
@@ -63,14 +63,6 @@ class Encoder:
     run: str
     method: str
     config_hash: str
-
-
-def config_hash(hyper_parameters: dict[str, Any]) -> str:
-    """sha1 (first 10 hex digits) of the hyper-parameters as canonical JSON, without LightningCLI's bookkeeping
-    entries (`_class_path`, `_instantiator`)."""
-    plain = {key: value for key, value in to_plain(hyper_parameters).items() if not key.startswith("_")}
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def random_encoder(recipe: Path, workdir: Path) -> Encoder:
@@ -95,13 +87,15 @@ def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = 
     if spec.startswith("random:"):
         return random_encoder(Path(spec[len("random:"):]), workdir)
     path = Path(spec)
-    hyper = {} if path.suffix == ".safetensors" else read_checkpoint(path).get("hyper_parameters") or {}
     config = backbone or backbone_config_of(path)
-    method = str(hyper.get("_class_path", "unknown")).rpartition(".")[2]
-    # <save_dir>/<name>/<version>/checkpoints/<file>: name the run by its logger name and version
-    run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name]) if path.parent.name == "checkpoints" \
-        else path.name
-    return Encoder(path, config, run, method, config_hash(hyper or {"backbone": config}))
+    identity = pretraining_identity(path, config)
+    if "run" in identity:
+        run = f"{identity['run']}/{path.name}"
+    elif path.parent.name == "checkpoints":  # <save_dir>/<name>/<version>/checkpoints/<file> of an older checkpoint
+        run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name])
+    else:
+        run = path.name
+    return Encoder(path, config, run, identity["method"], identity["config_hash"])
 
 
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,

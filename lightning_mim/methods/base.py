@@ -249,7 +249,13 @@ class MIMMethod(L.LightningModule, abc.ABC):
         return self.nonfinite.skipped_steps
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also records the run (`<logger name>/<version>`, as in its log folder) for `lightning-mim evaluate`'s
+        results, wherever the checkpoint is written or copied."""
         checkpoint["skipped_steps"] = self.nonfinite.skipped_steps
+        logger = self.logger
+        if logger is not None:
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            checkpoint["run"] = f"{logger.name}/{version}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming `fit` requires the checkpoint's configuration (see `check_same_experiment`)."""
