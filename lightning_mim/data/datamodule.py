@@ -261,8 +261,20 @@ class MIMDataModule(L.LightningDataModule):
 
     @property
     def skipped_samples(self) -> int:
-        """Unreadable images/samples/shards skipped so far by this process (this rank) and its loader workers."""
-        return self._counter.value if self._counter is not None else 0
+        """Distinct unreadable images / samples / shards met so far by this process (this rank) and its loader
+        workers, each counted once however often it is re-read (logged as `data/skipped_samples`)."""
+        return self._counter.distinct if self._counter is not None else 0
+
+    @property
+    def skipped_samples_epoch(self) -> int:
+        """Distinct unreadable items met in the current epoch (training, validation and k-NN passes together;
+        logged as `data/skipped_samples_epoch`)."""
+        return self._counter.in_epoch if self._counter is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that `skipped_samples_epoch` counts in (the methods set it when an epoch starts, after setup)."""
+        if self._counter is not None:
+            self._counter.set_epoch(epoch)
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> Iterable[Any]:

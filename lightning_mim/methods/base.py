@@ -206,6 +206,16 @@ class MIMMethod(L.LightningModule, abc.ABC):
         if self._eval_mode_warning_silenced is not None:
             self._eval_mode_warning_silenced.__exit__(None, None, None)
             self._eval_mode_warning_silenced = None
+        self._set_data_epoch()  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+
+    def on_train_epoch_start(self) -> None:
+        self._set_data_epoch()
+
+    def _set_data_epoch(self) -> None:
+        """Tell the data which epoch its skipped-sample count (`data/skipped_samples_epoch`) belongs to."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
 
     @property
     def image_size(self) -> int:
@@ -255,6 +265,7 @@ class MIMMethod(L.LightningModule, abc.ABC):
             datamodule = self.trainer.datamodule
             if datamodule is not None and hasattr(datamodule, "skipped_samples"):
                 self.log("data/skipped_samples", float(datamodule.skipped_samples), batch_size=batch_size)
+                self.log("data/skipped_samples_epoch", float(datamodule.skipped_samples_epoch), batch_size=batch_size)
         return total
 
     def on_after_backward(self) -> None:
