@@ -13,10 +13,10 @@ encoder must beat.
 
 Data: `--data-config` (a LightningCLI data YAML, default Fashion-MNIST), then the protocol recipe's `data:` section,
 then the `--data-*` / `--batch-size` / `--*-subset` flags. Fashion-MNIST and synthetic data must have the encoder's
-image size and channels (`--adapt-images` resizes and converts them instead). Linear / fine-tune recipes (`--linear-config`,
-`--finetune-config`, YAML with `model:` = LinearProbe / FineTune keyword arguments, `data:` and `trainer:`) default to
-the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`, `--finetune-epochs`) overrides their
-`trainer.max_epochs`. The reported accuracy is the one after the last epoch.
+image size and channels (`--adapt-images` resizes and converts them instead). Linear / fine-tune recipes
+(`--linear-config`, `--finetune-config`, YAML with `model:` = LinearProbe / FineTune keyword arguments, `data:` and
+`trainer:`) default to the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`, `--finetune-epochs`)
+overrides their `trainer.max_epochs`. The reported accuracy is the one after the last epoch.
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ class Encoder:
 def random_encoder(recipe: Path, workdir: Path) -> Encoder:
     """The model of a pre-training recipe, or of the config.yaml a `fit` run saved in its folder, at its seeded
     initialisation, built by the LightningCLI exactly as `lightning-mim fit --config <recipe>` builds it (same
-    hyper-parameters, hence the same config hash). A run's config is named by its run folder (`random:mae/version_0`)."""
+    hyper-parameters, hence the same config hash). A run's config is named by its run folder
+    (`random:mae/version_0`)."""
     from lightning_mim.cli import run_cli  # the CLI module imports this one for its subcommands
 
     config = {key: value for key, value in (yaml.safe_load(recipe.read_text()) or {}).items()
@@ -121,9 +122,9 @@ def build_datamodule(arguments: dict[str, Any], config: BackboneConfig, adapt_im
         size, channels = native
         raise ValueError(
             f"the encoder takes {config.img_size}x{config.img_size} images with {config.in_chans} channel(s) but the "
-            f"data are {size}x{size} with {channels} channel(s) ({datamodule.hparams.source}): evaluate on the data it was "
-            f"pre-trained on (--data-config, --data-source, --data-dir), or pass --adapt-images to resize and "
-            f"convert these")
+            f"data are {size}x{size} with {channels} channel(s) ({datamodule.hparams.source}): evaluate on the data "
+            f"it was pre-trained on (--data-config, --data-source, --data-dir), or pass --adapt-images to resize "
+            f"and convert these")
     datamodule.bind(config.img_size, config.in_chans, None)
     datamodule.setup("fit")
     return datamodule
