@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import random
+import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
+import jsonargparse
 import numpy as np
 import torch
-from jsonargparse import Namespace
+import yaml
+from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
@@ -30,7 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
-from lightning_mim.reliability import AtomicCheckpointIO, fit_to_launcher, launcher_layout
+from lightning_mim.reliability import AtomicCheckpointIO, UnsafeCheckpointError, fit_to_launcher, launcher_layout
 
 
 class RNGState(Callback):
@@ -57,6 +62,21 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+PLACEHOLDER_LOGGER_NAME = "lightning_logs"  # the default name of Lightning's TensorBoard and CSV loggers
+
+
+def run_name(config: Namespace) -> str:
+    """`<method>_<recipe>`: the method's name in lower case and the stem of the last `--config` file that sets the
+    model (configs/lut/vit_b16_1600ep_in1k.yaml: lut_vit_b16_1600ep_in1k; mae_flowers.yaml: mae_flowers); the
+    method's name alone when no file sets the model."""
+    method = config.model.class_path.rpartition(".")[2].lower()
+    recipes = [Path(str(path)).stem for path in config.get("config") or []
+               if "model" in (yaml.safe_load(path.get_content()) or {})]
+    if not recipes:
+        return method
+    return recipes[-1] if recipes[-1].startswith(f"{method}_") else f"{method}_{recipes[-1]}"
+
+
 class MIMCLI(LightningCLI):
     """Method chosen with `--model <Name>` (or `class_path` in YAML); one DataModule; the monitoring callbacks and
     checkpointing are top-level groups (`--knn.*`, `--throughput.*`, `--reconstruction.*`, `--checkpoint.*`,
@@ -69,6 +89,30 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
         parser.add_lightning_class_args(CompileLosses, "compile")
+        parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
+
+    def before_instantiate_classes(self) -> None:
+        """A logger left with Lightning's placeholder name is named after the run's recipe (`run_name`), so logs go
+        to `runs/<recipe>/version_N`."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+            if init_args is not None and init_args.get("name") == PLACEHOLDER_LOGGER_NAME:
+                init_args.name = run_name(config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A run that stops with an error before its first optimiser step leaves no log folder behind: the logger
+        creates `version_N` before the data and the model are set up."""
+        new_log_dirs = [Path(logger.log_dir) for logger in self.trainer.loggers
+                        if isinstance(getattr(logger, "log_dir", None), str) and not Path(logger.log_dir).exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception:
+            if self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                for log_dir in new_log_dirs:
+                    shutil.rmtree(log_dir, ignore_errors=True)
+            raise
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
@@ -174,15 +218,44 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MIMCLI:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
+# Errors of bad input: configuration checks, missing files, refused checkpoints.
+CONFIGURATION_ERRORS = (ValueError, FileNotFoundError, UnsafeCheckpointError, pickle.UnpicklingError)
+DEBUG_VARIABLE = "LIGHTNING_MIM_DEBUG"
+
+
+def configuration_error_message(error: BaseException) -> str:
+    """The message of the check that failed. jsonargparse reports an error raised while it builds a class as
+    'Does not validate against any of the Union subtypes' with every alternative it tried; the check's own error is
+    the first cause raised outside jsonargparse."""
+    jsonargparse_dir = str(Path(jsonargparse.__file__).parent)
+    while error.__cause__ is not None and \
+            traceback.extract_tb(error.__traceback__)[-1].filename.startswith(jsonargparse_dir):
+        error = error.__cause__
+    return str(error)
+
+
+def run_command(words: list[str]) -> None:
+    """Run `lightning-mim <words>`: a LightningCLI subcommand or one of EXTRA_COMMANDS."""
     if words and words[0] in EXTRA_COMMANDS:
         module = importlib.import_module(EXTRA_COMMANDS[words[0]][0])
         module.main(words[1:])
         return
     if words and words[0] in ("-h", "--help"):
         print("extra subcommands: " + "; ".join(f"{name}: {text}" for name, (_, text) in EXTRA_COMMANDS.items()))
-    run_cli(argv)
+    run_cli(words)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`lightning-mim`. A configuration error ends it with the error's message, which names the fix, on one line;
+    with LIGHTNING_MIM_DEBUG=1 the error is raised with its traceback."""
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+    except CONFIGURATION_ERRORS as error:
+        if os.environ.get(DEBUG_VARIABLE) == "1":
+            raise
+        print(f"lightning-mim: error: {configuration_error_message(error)}\n({DEBUG_VARIABLE}=1 shows the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_mim.cli import run_cli
@@ -72,3 +75,39 @@ def test_ddp_two_cpu_processes(tmp_path, method):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "lightning_mim", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "extra subcommands: make-shards" in result.stdout and "{fit,validate,test,predict}" in result.stdout
+
+
+def own_image_folder(root: Path) -> Path:
+    """A user's own ImageFolder: grey and colour images of sizes other than the model's."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("val", 8)):
+        for index in range(count):
+            folder = root / split / f"class{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            shape = (36, 20) if index % 3 else (40, 40, 3)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("in_chans", ["1", "3"])
+def test_imagefolder_data_preset_trains_on_an_own_folder(tmp_path, in_chans):
+    preset = ROOT / "configs/data/imagefolder.yaml"
+    assert yaml.safe_load(preset.read_text())["data"]["num_workers"] > 0
+    cli = run_cli(["fit", *MICRO_SYNTHETIC, "--config", str(preset), "--model.backbone.in_chans", in_chans,
+                   "--data.data_dir", str(own_image_folder(tmp_path / "images")), "--data.batch_size", "8",
+                   "--data.num_workers", "1", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                   "--trainer.logger", "false", "--knn.every_n_epochs", "1000",
+                   "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.datamodule.hparams.source == "imagefolder" and cli.trainer.global_step == 2
+    images = next(iter(cli.datamodule.val_dataloader()))[0]
+    assert images.shape == (8, int(in_chans), 32, 32)
+    data_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "`configs/data/`" in line)
+    assert "`imagefolder`" in data_row

@@ -298,6 +298,24 @@ def test_imagefolder_skip_counter_with_worker_processes(broken_folder) -> None:
     assert dm.skipped_samples == 2
 
 
+def test_each_broken_image_is_counted_and_named_once_over_epochs_passes_and_workers(broken_folder, capfd) -> None:
+    root, _ = broken_folder
+    dm = MIMDataModule(source="imagefolder", data_dir=str(root), num_workers=2, batch_size=2, drop_last=False,
+                       persistent_workers=False, knn_bank_size=None)
+    dm.setup("fit")
+    dm.bind(8, 3, transforms.PILToTensor())
+    for epoch in range(2):
+        dm.set_epoch(epoch)
+        assert dm.skipped_samples_epoch == 0
+        for loader in (dm.train_dataloader(), dm.knn_bank_dataloader(), dm.train_dataloader()):
+            assert sum(len(labels) for _, labels in loader) == 7
+        assert (dm.skipped_samples, dm.skipped_samples_epoch) == (2, 2)
+    dm.set_epoch(1)  # the epoch goes on (e.g. set again after a resume): its count stays
+    assert dm.skipped_samples_epoch == 2
+    warned = [line for line in capfd.readouterr().err.splitlines() if "skipped unreadable" in line]
+    assert [sum(name in line for line in warned) for name in ("b_corrupt.jpg", "e_truncated.jpg")] == [1, 1]
+
+
 @pytest.mark.parametrize("layout, expected", [
     ("missing", "is not a directory"),
     ("empty", "is not a directory"),

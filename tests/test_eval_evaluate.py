@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
+
+import pytest
+from test_data import fake_fashion_mnist
 
 from lightning_mim.cli import main as cli_main
 from lightning_mim.cli import run_cli
-from lightning_mim.eval.evaluate import COLUMNS, config_hash
+from lightning_mim.eval.evaluate import COLUMNS, CONFIG_DIR, config_hash
 
 RECIPE = """seed_everything: 3
 model:
@@ -58,6 +62,28 @@ def test_evaluate_writes_both_result_files(tmp_path: Path) -> None:
     assert written[-1]["config_hash"] == written[0]["config_hash"]
     assert len((results / "results.md").read_text().splitlines()) == 2 + 4
 
+    # the configuration the run saved next to its checkpoints (it also holds fit's ckpt_path, trainer, ...) gives
+    # the same initialisation, named after the run
+    saved = checkpoint.parents[1] / "config.yaml"
+    cli_main(["evaluate", "--ckpt", f"random:{saved}", "--protocols", "knn", "--results", str(results), *ARGS])
+    written = read_rows(results)
+    assert written[-1]["run"] == "random:mae/version_0" and written[-1]["method"] == "MAE"
+    assert written[-1]["config_hash"] == written[0]["config_hash"]
+    assert written[-1]["top1"] == written[-2]["top1"]
+
+    # the encoder exported from the checkpoint, and the checkpoint kept outside the run folder: same method, config
+    # hash and run
+    exported, kept = tmp_path / "encoder.safetensors", tmp_path / "kept" / "best.ckpt"
+    cli_main(["export", str(checkpoint), str(exported)])
+    kept.parent.mkdir()
+    shutil.copy(checkpoint, kept)
+    for path in exported, kept:
+        cli_main(["evaluate", "--ckpt", str(path), "--protocols", "knn", "--results", str(results), *ARGS])
+    written = read_rows(results)
+    assert [row["run"] for row in written[-2:]] == ["mae/version_0/encoder.safetensors", "mae/version_0/best.ckpt"]
+    assert {(row["method"], row["config_hash"]) for row in written[-2:]} == {("MAE", written[0]["config_hash"])}
+    assert written[-2]["top1"] == written[-1]["top1"] == written[0]["top1"]
+
 
 def test_evaluate_linear_probe_under_two_process_ddp_writes_one_row(tmp_path: Path) -> None:
     import subprocess
@@ -74,3 +100,26 @@ def test_evaluate_linear_probe_under_two_process_ddp_writes_one_row(tmp_path: Pa
     written = read_rows(results)
     assert [row["protocol"] for row in written] == ["linear"]
     assert 0.0 <= float(written[0]["top1"]) <= 100.0
+
+
+@pytest.mark.parametrize("data_args,found", [
+    (["--data-config", str(CONFIG_DIR / "data" / "fashion_mnist.yaml")], "28x28 with 1 channel(s) (fashion_mnist)"),
+    (["--data-source", "synthetic", "--synthetic-size", "32"], "16x16 with 3 channel(s) (synthetic)"),
+], ids=["size", "channels"])
+def test_evaluating_on_data_of_another_format_names_both(tmp_path: Path, capsys, monkeypatch, data_args: list[str],
+                                                         found: str) -> None:
+    monkeypatch.delenv("LIGHTNING_MIM_DEBUG", raising=False)
+    grey = tmp_path / "mae_grey.yaml"
+    grey.write_text(RECIPE.replace("patch_size: 4}", "patch_size: 4, in_chans: 1}"))
+    (tmp_path / "fmnist").mkdir()
+    fashion_mnist = fake_fashion_mnist(tmp_path / "fmnist")
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--ckpt", f"random:{grey}", "--protocols", "knn", "--results", str(tmp_path / "results"),
+                  "--data-dir", str(fashion_mnist), "--num-workers", "0", *data_args])
+    assert (f"lightning-mim: error: the encoder takes 16x16 images with 1 channel(s) but the data are {found}"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "results").exists()
+    cli_main(["evaluate", "--ckpt", f"random:{grey}", "--protocols", "knn", "--results", str(tmp_path / "results"),
+              "--data-dir", str(fashion_mnist), "--num-workers", "0", "--knn-bank", "12", *data_args,
+              "--adapt-images"])
+    assert [row["protocol"] for row in read_rows(tmp_path / "results")] == ["knn"]

@@ -1,4 +1,5 @@
 """LUT: the unit tests of the spec (methods/lut.md, 5.2) that apply, and Lightning runs of the teacher and its EMA."""
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -205,6 +206,23 @@ def test_lightning_run_teacher_stays_eval_and_follows_hand_rolled_ema():
     for key, value in probe.expected.items():
         assert torch.allclose(final[key].double(), value, atol=1e-5), key
     assert int(final["projector.1.num_batches_tracked"]) > 0  # BN buffers are EMA'd from the student
+
+
+class LeaveDecoderInEval(L.Callback):
+    """A user's own choice: a module the method trains left in eval mode."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.decoder.eval()
+
+
+@pytest.mark.parametrize("callbacks,warned", [([], False), ([LeaveDecoderInEval()], True)],
+                         ids=["teacher_only", "own_module_too"])
+def test_eval_mode_warning_is_silenced_for_the_teacher_alone(callbacks, warned):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1, limit_val_batches=0, callbacks=callbacks).fit(micro_lut(), datamodule=synthetic_data(16))
+    eval_mode = [str(warning.message) for warning in caught if "module(s) in eval mode" in str(warning.message)]
+    assert bool(eval_mode) == warned, eval_mode
 
 
 def test_momentum_schedule_values():

@@ -121,14 +121,16 @@ class MIMDataModule(L.LightningDataModule):
         """Bound image size, else the source's native size (28 Fashion-MNIST, synthetic_image_size, 224)."""
         if self._image_size is not None:
             return self._image_size
-        return self._native_size() or 224
+        native = self.native_format()
+        return native[0] if native is not None else 224
 
     @property
     def in_chans(self) -> int:
-        """Bound channel count, else 1 for Fashion-MNIST and 3 for the other sources."""
+        """Bound channel count, else the source's native one (1 for Fashion-MNIST), else 3."""
         if self._in_chans is not None:
             return self._in_chans
-        return 1 if self.hparams.source == "fashion_mnist" else 3
+        native = self.native_format()
+        return native[1] if native is not None else 3
 
     def bind(self, image_size: int, in_chans: int,
              train_transform: Callable[[Image.Image], Any] | None = None) -> None:
@@ -161,7 +163,7 @@ class MIMDataModule(L.LightningDataModule):
             steps += [transforms.Resize(int(size / self.hparams.eval_resize_ratio),
                                         interpolation=transforms.InterpolationMode.BICUBIC),
                       transforms.CenterCrop(size)]
-        elif size != self._native_size():
+        elif size != self.native_format()[0]:
             steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
         steps += [transforms.ToTensor(),
                   transforms.Normalize(self.mean_for(self.in_chans), self.std_for(self.in_chans))]
@@ -261,8 +263,20 @@ class MIMDataModule(L.LightningDataModule):
 
     @property
     def skipped_samples(self) -> int:
-        """Unreadable images/samples/shards skipped so far by this process (this rank) and its loader workers."""
-        return self._counter.value if self._counter is not None else 0
+        """Distinct unreadable images / samples / shards met so far by this process (this rank) and its loader
+        workers, each counted once however often it is re-read (logged as `data/skipped_samples`)."""
+        return self._counter.distinct if self._counter is not None else 0
+
+    @property
+    def skipped_samples_epoch(self) -> int:
+        """Distinct unreadable items met in the current epoch (training, validation and k-NN passes together;
+        logged as `data/skipped_samples_epoch`)."""
+        return self._counter.in_epoch if self._counter is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that `skipped_samples_epoch` counts in (the methods set it when an epoch starts, after setup)."""
+        if self._counter is not None:
+            self._counter.set_epoch(epoch)
 
     # -------------------------------------------------------------------------------------------- loaders
     def train_dataloader(self) -> Iterable[Any]:
@@ -345,8 +359,14 @@ class MIMDataModule(L.LightningDataModule):
     def _mode(self) -> str:
         return "L" if self.in_chans == 1 else "RGB"
 
-    def _native_size(self) -> int | None:
-        return {"fashion_mnist": 28, "synthetic": self.hparams.synthetic_image_size}.get(self.hparams.source)
+    def native_format(self) -> tuple[int, int] | None:
+        """(image size, channels) that every image of the source has: 28 x 28 grey for Fashion-MNIST,
+        synthetic_image_size RGB for synthetic; None for image folders and shards (any size, colour or grey)."""
+        if self.hparams.source == "fashion_mnist":
+            return 28, 1
+        if self.hparams.source == "synthetic":
+            return self.hparams.synthetic_image_size, 3
+        return None
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:

@@ -1,6 +1,7 @@
 """Dataset builders for the DataModule: ImageFolder (skipping unreadable files), WebDataset shards, synthetic images."""
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -30,20 +31,59 @@ _MAX_ATTEMPTS = 32
 
 
 class SkipCounter:
-    """Count of skipped samples in shared memory, so that forked DataLoader workers add to the parent's count."""
+    """The unreadable items (image files, WebDataset samples or shards) met by this process and the DataLoader
+    workers it forks, in shared memory. Each distinct item is named in one warning, by the first process that meets
+    it, and counted once overall (`distinct`) and once per epoch (`in_epoch`), however often epochs, validation and
+    k-NN passes re-read it. Items are told apart by a 64-bit hash of their name in an open-addressing table."""
+
+    capacity = 1 << 18
 
     def __init__(self) -> None:
-        self._value = multiprocessing.Value("q", 0)
+        self._hashes = multiprocessing.RawArray("Q", self.capacity)  # 0 marks a free slot
+        self._epochs = multiprocessing.RawArray("q", self.capacity)  # the epoch each item was last met in
+        self._distinct = multiprocessing.RawValue("q", 0)
+        self._in_epoch = multiprocessing.RawValue("q", 0)
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self._lock = multiprocessing.Lock()
 
-    def add(self, n: int = 1) -> None:
-        """Add n skipped samples."""
-        with self._value.get_lock():
-            self._value.value += n
+    def add(self, name: str, detail: str = "") -> None:
+        """Count the unreadable item `name` (a path; a shard and sample key); warn, with `detail`, when it is new."""
+        key = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                             "little") or 1
+        with self._lock:
+            slot = key % self.capacity
+            while self._hashes[slot] not in (0, key):
+                slot = (slot + 1) % self.capacity
+            new = self._hashes[slot] == 0
+            if new:
+                if self._distinct.value >= self.capacity // 2:
+                    raise RuntimeError(f"more than {self.capacity // 2} unreadable images or samples; the data set "
+                                       f"looks broken")
+                self._hashes[slot] = key
+                self._distinct.value += 1
+            if new or self._epochs[slot] != self._epoch.value:
+                self._epochs[slot] = self._epoch.value
+                self._in_epoch.value += 1
+        if new:
+            reason = f": {detail}" if detail else ""
+            warnings.warn(f"skipped unreadable {name}{reason} (named once; counted in data/skipped_samples)",
+                          RuntimeWarning, stacklevel=3)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start counting `in_epoch` afresh when `epoch` is not the current one."""
+        with self._lock:
+            if epoch != self._epoch.value:
+                self._epoch.value, self._in_epoch.value = epoch, 0
 
     @property
-    def value(self) -> int:
-        """Skipped samples so far, over all processes that share this counter."""
-        return int(self._value.value)
+    def distinct(self) -> int:
+        """Distinct unreadable items met so far."""
+        return int(self._distinct.value)
+
+    @property
+    def in_epoch(self) -> int:
+        """Distinct unreadable items met since the current epoch was set."""
+        return int(self._in_epoch.value)
 
 
 class ToMode:
@@ -155,7 +195,7 @@ def seeded_subset(dataset: Dataset, size: int | None, seed: int, stream: int) ->
 # ----------------------------------------------------------------------------------------------------- ImageFolder
 
 class SkippingImageFolder(Dataset):
-    """torchvision ImageFolder whose unreadable images are skipped, counted and named in a warning.
+    """torchvision ImageFolder whose unreadable images are skipped, counted and named in a warning (`SkipCounter`).
 
     A failing index returns the next readable sample (at most 32 tries), so the epoch keeps its length.
     """
@@ -180,8 +220,7 @@ class SkippingImageFolder(Dataset):
                 with Image.open(path) as image:
                     return image.convert("RGB"), label
             except LOAD_ERRORS as exc:
-                self.counter.add()
-                warnings.warn(f"skipped unreadable image {path}: {exc}", RuntimeWarning, stacklevel=2)
+                self.counter.add(f"image {path}", str(exc))
         raise RuntimeError(f"{_MAX_ATTEMPTS} consecutive unreadable images from index {index} in "
                            f"{self.folder.root}; the data set looks broken")
 
@@ -327,17 +366,17 @@ class NodeSplitter:
 
 
 class SkipHandler:
-    """WebDataset exception handler: warn naming the shard or sample, count, continue.
+    """WebDataset exception handler: count the error, warn naming the shard or sample the first time, continue.
 
-    A truncated shard can count twice (its broken member, then the end of the archive).
+    The error's message names the item; a truncated shard can count twice (its broken member, then the end of the
+    archive).
     """
 
     def __init__(self, counter: SkipCounter) -> None:
         self.counter = counter
 
     def __call__(self, exc: Exception) -> bool:
-        self.counter.add()
-        warnings.warn(f"skipped an unreadable WebDataset sample or shard: {exc!r}", RuntimeWarning, stacklevel=2)
+        self.counter.add(f"WebDataset sample or shard: {exc!r}")
         return True
 
 

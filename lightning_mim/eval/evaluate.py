@@ -7,20 +7,22 @@
 
 `--ckpt` takes a Lightning checkpoint of this project, an exported `.safetensors` encoder, an official release
 (`{"model": ...}` MAE / LUT, `{"state_dict": ...}` MaPeT; give its encoder with `--backbone '{"size": "base"}'`), or
-`random:<pre-training recipe.yaml>`: the recipe's model built through the LightningCLI with the recipe's seed, i.e. the
-encoder a pre-training run of that recipe starts from, the baseline a pre-trained encoder must beat.
+`random:<pre-training recipe.yaml>` (or the config.yaml a run saved): the recipe's model built through the LightningCLI
+with the recipe's seed, i.e. the encoder a pre-training run of that recipe starts from, the baseline a pre-trained
+encoder must beat.
 
 Data: `--data-config` (a LightningCLI data YAML, default Fashion-MNIST), then the protocol recipe's `data:` section,
-then the `--data-*` / `--batch-size` / `--*-subset` flags. Linear / fine-tune recipes (`--linear-config`,
-`--finetune-config`, YAML with `model:` = LinearProbe / FineTune keyword arguments, `data:` and `trainer:`) default to
-the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`, `--finetune-epochs`) overrides their
-`trainer.max_epochs`. The reported accuracy is the one after the last epoch.
+then the `--data-*` / `--batch-size` / `--*-subset` flags. Fashion-MNIST and synthetic data must have the encoder's
+image size and channels (`--adapt-images` resizes and converts them instead). Linear / fine-tune recipes
+(`--linear-config`, `--finetune-config`, YAML with `model:` = LinearProbe / FineTune keyword arguments, `data:` and
+`trainer:`) default to the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`, `--finetune-epochs`)
+overrides their `trainer.max_epochs`. The reported accuracy is the one after the last epoch.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
+import inspect
 import json
 import tempfile
 import time
@@ -31,6 +33,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.cli import LightningCLI
 import torch
 import yaml
 
@@ -39,12 +42,16 @@ from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.knn import extract_features, knn_accuracy
 from lightning_mim.eval.linear import LinearProbe
-from lightning_mim.eval.weights import backbone_config_of, load_encoder_state, load_into, read_checkpoint, save_encoder
-from lightning_mim.methods.base import to_plain
+from lightning_mim.eval.weights import (
+    backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, save_encoder,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp")
 PROTOCOLS = ("knn", "linear", "finetune")
+SAVED_CONFIG_NAME = "config.yaml"  # the file LightningCLI's SaveConfigCallback writes into a run's folder
+# `Trainer.fit`'s own arguments (ckpt_path, weights_only): a run's saved config holds them, a model-only CLI does not
+FIT_ARGUMENTS = set(inspect.signature(L.Trainer.fit).parameters) - LightningCLI.subcommands()["fit"] - {"self"}
 
 
 @dataclass
@@ -58,23 +65,20 @@ class Encoder:
     config_hash: str
 
 
-def config_hash(hyper_parameters: dict[str, Any]) -> str:
-    """sha1 (first 10 hex digits) of the hyper-parameters as canonical JSON, without LightningCLI's bookkeeping
-    entries (`_class_path`, `_instantiator`)."""
-    plain = {key: value for key, value in to_plain(hyper_parameters).items() if not key.startswith("_")}
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
 def random_encoder(recipe: Path, workdir: Path) -> Encoder:
-    """The model of a pre-training recipe at its seeded initialisation, built by the LightningCLI exactly as
-    `lightning-mim fit --config <recipe>` builds it (same hyper-parameters, hence the same config hash)."""
+    """The model of a pre-training recipe, or of the config.yaml a `fit` run saved in its folder, at its seeded
+    initialisation, built by the LightningCLI exactly as `lightning-mim fit --config <recipe>` builds it (same
+    hyper-parameters, hence the same config hash). A run's config is named by its run folder
+    (`random:mae/version_0`)."""
     from lightning_mim.cli import run_cli  # the CLI module imports this one for its subcommands
 
-    cli = run_cli(["--config", str(recipe), "--trainer.logger", "false"], run=False)
+    config = {key: value for key, value in (yaml.safe_load(recipe.read_text()) or {}).items()
+              if key not in FIT_ARGUMENTS}
+    cli = run_cli(["--config", yaml.safe_dump(config), "--trainer.logger", "false"], run=False)
     model = cli.model
     path = save_encoder(model.backbone.state_dict(), model.backbone_config, workdir / "random_init.safetensors")
-    return Encoder(path, model.backbone_config, f"random:{recipe.stem}", type(model).__name__,
+    run = f"{recipe.parent.parent.name}/{recipe.parent.name}" if recipe.name == SAVED_CONFIG_NAME else recipe.stem
+    return Encoder(path, model.backbone_config, f"random:{run}", type(model).__name__,
                    config_hash(dict(model.hparams)))
 
 
@@ -84,13 +88,15 @@ def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = 
     if spec.startswith("random:"):
         return random_encoder(Path(spec[len("random:"):]), workdir)
     path = Path(spec)
-    hyper = {} if path.suffix == ".safetensors" else read_checkpoint(path).get("hyper_parameters") or {}
     config = backbone or backbone_config_of(path)
-    method = str(hyper.get("_class_path", "unknown")).rpartition(".")[2]
-    # <save_dir>/<name>/<version>/checkpoints/<file>: name the run by its logger name and version
-    run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name]) if path.parent.name == "checkpoints" \
-        else path.name
-    return Encoder(path, config, run, method, config_hash(hyper or {"backbone": config}))
+    identity = pretraining_identity(path, config)
+    if "run" in identity:
+        run = f"{identity['run']}/{path.name}"
+    elif path.parent.name == "checkpoints":  # <save_dir>/<name>/<version>/checkpoints/<file> of an older checkpoint
+        run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name])
+    else:
+        run = path.name
+    return Encoder(path, config, run, identity["method"], identity["config_hash"])
 
 
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
@@ -107,8 +113,18 @@ def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | No
     return arguments | {"persistent_workers": False, "seed": options.seed}
 
 
-def build_datamodule(arguments: dict[str, Any], config: BackboneConfig) -> MIMDataModule:
+def build_datamodule(arguments: dict[str, Any], config: BackboneConfig, adapt_images: bool) -> MIMDataModule:
+    """The evaluation data at the encoder's image size and channels. A source whose images all have one format
+    (Fashion-MNIST, synthetic) must have the encoder's unless `adapt_images` (resize and convert them)."""
     datamodule = MIMDataModule(**arguments)
+    native = datamodule.native_format()
+    if native is not None and native != (config.img_size, config.in_chans) and not adapt_images:
+        size, channels = native
+        raise ValueError(
+            f"the encoder takes {config.img_size}x{config.img_size} images with {config.in_chans} channel(s) but the "
+            f"data are {size}x{size} with {channels} channel(s) ({datamodule.hparams.source}): evaluate on the data "
+            f"it was pre-trained on (--data-config, --data-source, --data-dir), or pass --adapt-images to resize "
+            f"and convert these")
     datamodule.bind(config.img_size, config.in_chans, None)
     datamodule.setup("fit")
     return datamodule
@@ -120,7 +136,8 @@ def eval_device(options: argparse.Namespace) -> torch.device:
 
 
 def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, float]:
-    datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder.config)
+    datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder.config,
+                                  options.adapt_images)
     model = MIMViT(encoder.config)
     state, report = load_encoder_state(encoder.path, encoder.config)
     load_into(model, state, report)
@@ -144,7 +161,8 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace) ->
     recipe_epochs = int(trainer_args.pop("max_epochs", 1))
     protocol_epochs = options.linear_epochs if protocol == "linear" else options.finetune_epochs
     epochs = next(value for value in (protocol_epochs, options.epochs, recipe_epochs) if value is not None)
-    datamodule = build_datamodule(data_arguments(options, recipe.get("data"), encoder.config), encoder.config)
+    datamodule = build_datamodule(data_arguments(options, recipe.get("data"), encoder.config), encoder.config,
+                                  options.adapt_images)
     module_class = LinearProbe if protocol == "linear" else FineTune
     L.seed_everything(options.seed, verbose=False)
     model = module_class(backbone=encoder.config, num_classes=datamodule.num_classes, pretrained=str(encoder.path),
@@ -201,6 +219,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="k-NN feature pooling")
+    parser.add_argument("--adapt-images", action="store_true",
+                        help="resize / convert Fashion-MNIST or synthetic images to the encoder's size and channels "
+                             "when they differ (default: refuse)")
     parser.add_argument("--synthetic-size", type=int, default=None)
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--accelerator", default="auto")

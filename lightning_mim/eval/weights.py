@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import pickle
 import re
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, safe_open, save
 from timm.models.vision_transformer import VisionTransformer
 
 from lightning_mim.backbone import BackboneConfig
+from lightning_mim.methods.base import to_plain
 from lightning_mim.reliability import atomic_write
 
 StateDict = dict[str, torch.Tensor]
@@ -252,13 +254,43 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], report: LoadR
     return report
 
 
+def config_hash(hyper_parameters: dict[str, Any]) -> str:
+    """sha1 (first 10 hex digits) of the hyper-parameters as canonical JSON, without LightningCLI's bookkeeping
+    entries (`_class_path`, `_instantiator`)."""
+    plain = {key: value for key, value in to_plain(hyper_parameters).items() if not key.startswith("_")}
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty when it has none)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def pretraining_identity(path: str | Path, config: BackboneConfig) -> dict[str, str]:
+    """`method`, `config_hash` and, when recorded, `run` (`<logger name>/<version>`) of the pre-training that
+    produced a weights file: from a Lightning checkpoint, or from the metadata `export_encoder` copies them into.
+    Other files (official releases) give method "unknown" and the hash of the backbone config alone."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        metadata = safetensors_metadata(path)
+        identity = {key: metadata[key] for key in ("method", "config_hash", "run") if key in metadata}
+    else:
+        checkpoint = read_checkpoint(path)
+        hyper = checkpoint.get("hyper_parameters") or {}
+        identity = {"method": str(hyper["_class_path"]).rpartition(".")[2]} if "_class_path" in hyper else {}
+        identity |= {"config_hash": config_hash(hyper)} if hyper else {}
+        identity |= {"run": str(checkpoint["run"])} if "run" in checkpoint else {}
+    return {"method": "unknown", "config_hash": config_hash({"backbone": config})} | identity
+
+
 def backbone_config_of(path: str | Path) -> BackboneConfig:
     """The backbone config stored with a Lightning checkpoint (`hyper_parameters.backbone`) or in the metadata of a
     safetensors file written by `export_encoder`."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = safetensors_metadata(path)
         if "backbone" not in metadata:
             raise ValueError(f"{path}: no backbone config in the safetensors metadata; pass the config explicitly")
         return BackboneConfig(**json.loads(metadata["backbone"]))
@@ -268,12 +300,15 @@ def backbone_config_of(path: str | Path) -> BackboneConfig:
     return BackboneConfig.coerce(hyper["backbone"])
 
 
-def save_encoder(state: Mapping[str, torch.Tensor], config: BackboneConfig, output_path: str | Path) -> Path:
-    """Write an encoder state dict (timm key names) as safetensors, with the backbone config in the metadata."""
+def save_encoder(state: Mapping[str, torch.Tensor], config: BackboneConfig, output_path: str | Path,
+                 identity: Mapping[str, str] | None = None) -> Path:
+    """Write an encoder state dict (timm key names) as safetensors, with the backbone config and the pre-training's
+    `identity` (`pretraining_identity`) in the metadata."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    payload = save(tensors, metadata={"format": "pt", "backbone": json.dumps(config.to_dict())})
+    metadata = {"format": "pt", "backbone": json.dumps(config.to_dict()), **(identity or {})}
+    payload = save(tensors, metadata=metadata)
     atomic_write(output_path, lambda handle: handle.write(payload))
     return output_path
 
@@ -281,12 +316,13 @@ def save_encoder(state: Mapping[str, torch.Tensor], config: BackboneConfig, outp
 def export_encoder(checkpoint_path: str | Path, output_path: str | Path) -> Path:
     """Write the student encoder of a Lightning checkpoint as a safetensors file that loads with `strict=True` into
     `timm.models.vision_transformer.VisionTransformer(**config.timm_kwargs_full())` (and, for registered sizes, into
-    `timm.create_model(timm_model_name(config), num_classes=0)`)."""
+    `timm.create_model(timm_model_name(config), num_classes=0)`). The metadata keeps the checkpoint's method, config
+    hash and run, so both files are one pre-training in `lightning-mim evaluate`'s results."""
     config = backbone_config_of(checkpoint_path)
     state, report = load_encoder_state(checkpoint_path, config)
     if report.missing or report.unexpected:
         raise ValueError(f"{checkpoint_path}: the encoder does not match its own config\n{report.summary()}")
-    return save_encoder(state, config, output_path)
+    return save_encoder(state, config, output_path, pretraining_identity(checkpoint_path, config))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -301,5 +337,5 @@ def main(argv: list[str] | None = None) -> Path:
     return path
 
 
-__all__ = ["LoadReport", "backbone_config_of", "export_encoder", "load_encoder_state", "load_into", "main",
-           "read_checkpoint", "save_encoder"]
+__all__ = ["LoadReport", "backbone_config_of", "config_hash", "export_encoder", "load_encoder_state", "load_into",
+           "main", "pretraining_identity", "read_checkpoint", "safetensors_metadata", "save_encoder"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Literal
 
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.optim import param_groups_weight_decay
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchvision.transforms import v2
@@ -199,6 +201,45 @@ class MIMMethod(L.LightningModule, abc.ABC):
         self.peak_lr: float | None = None
         self.nonfinite = NonFiniteStepGuard(self.optim_config.max_consecutive_nonfinite)
         self.last_step_skipped: torch.Tensor | None = None
+        self._eval_mode_warning_silenced: warnings.catch_warnings | None = None
+
+    def eval_mode_modules(self) -> list[nn.Module]:
+        """Submodules that stay in eval mode while the method trains (an EMA teacher, a frozen tokenizer)."""
+        return []
+
+    def train(self, mode: bool = True) -> MIMMethod:
+        """Switch the mode of every submodule but `eval_mode_modules`, which stay in eval mode."""
+        super().train(mode)
+        for module in self.eval_mode_modules():
+            module.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        """Lightning warns about every submodule in eval mode when training starts (`FitLoop.on_run_start`). When
+        the method's `eval_mode_modules` are the only ones, that warning is silenced until `on_train_start`, which
+        Lightning calls right after its check; any other module in eval mode changes the count and still warns."""
+        meant = {id(sub) for module in self.eval_mode_modules() for sub in module.modules()}
+        in_eval = [module for module in self.modules() if not module.training]
+        if in_eval and all(id(module) in meant for module in in_eval):
+            self._eval_mode_warning_silenced = warnings.catch_warnings()
+            self._eval_mode_warning_silenced.__enter__()
+            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode",
+                                    category=PossibleUserWarning)
+
+    def on_train_start(self) -> None:
+        if self._eval_mode_warning_silenced is not None:
+            self._eval_mode_warning_silenced.__exit__(None, None, None)
+            self._eval_mode_warning_silenced = None
+        self._set_data_epoch()  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+
+    def on_train_epoch_start(self) -> None:
+        self._set_data_epoch()
+
+    def _set_data_epoch(self) -> None:
+        """Tell the data which epoch its skipped-sample count (`data/skipped_samples_epoch`) belongs to."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
 
     @property
     def image_size(self) -> int:
@@ -248,6 +289,7 @@ class MIMMethod(L.LightningModule, abc.ABC):
             datamodule = self.trainer.datamodule
             if datamodule is not None and hasattr(datamodule, "skipped_samples"):
                 self.log("data/skipped_samples", float(datamodule.skipped_samples), batch_size=batch_size)
+                self.log("data/skipped_samples_epoch", float(datamodule.skipped_samples_epoch), batch_size=batch_size)
         return total
 
     def on_after_backward(self) -> None:
@@ -273,7 +315,13 @@ class MIMMethod(L.LightningModule, abc.ABC):
         return self.nonfinite.skipped_steps
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also records the run (`<logger name>/<version>`, as in its log folder) for `lightning-mim evaluate`'s
+        results, wherever the checkpoint is written or copied."""
         checkpoint["skipped_steps"] = self.nonfinite.skipped_steps
+        logger = self.logger
+        if logger is not None:
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            checkpoint["run"] = f"{logger.name}/{version}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming `fit` requires the checkpoint's configuration (see `check_same_experiment`)."""

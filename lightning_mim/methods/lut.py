@@ -185,11 +185,9 @@ class LUT(MAE):
         return {"mim": masked_mse(student.pred, self.target(view1), student.mask),
                 "bc": broader_context_loss(student.prediction1, student.prediction2, target1, target2)}
 
-    def train(self, mode: bool = True) -> LUT:
-        """Switch the student's mode; the teacher always stays in eval mode (BN on running statistics)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    def eval_mode_modules(self) -> list[nn.Module]:
+        """The teacher: always in eval mode (its BatchNorm uses the EMA running statistics)."""
+        return [self.teacher]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if any(module.training for module in self.teacher.modules()):
