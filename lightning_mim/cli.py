@@ -92,9 +92,17 @@ class MIMCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
 
     def before_instantiate_classes(self) -> None:
+        """Settings that depend on the recipe and on how the processes were launched: logger names, the trainer's
+        devices and nodes, SLURM's per-job folder."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._name_loggers(config)
+        self._follow_launcher(config.trainer)
+        self._give_slurm_job_its_folder(config.trainer)
+
+    @staticmethod
+    def _name_loggers(config: Namespace) -> None:
         """A logger left with Lightning's placeholder name is named after the run's recipe (`run_name`), so logs go
         to `runs/<recipe>/version_N`."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
         for logger in loggers:
             init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
@@ -139,12 +147,6 @@ class MIMCLI(LightningCLI):
         self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes") if any(
             word == f"--trainer.{key}" or str(word).startswith(f"--trainer.{key}=") for word in words))
         super().parse_arguments(parser, args)
-
-    def before_instantiate_classes(self) -> None:
-        """Trainer settings that depend on how the processes were launched."""
-        trainer = self.config.get(str(self.subcommand), self.config).trainer
-        self._follow_launcher(trainer)
-        self._give_slurm_job_its_folder(trainer)
 
     def _follow_launcher(self, trainer: Namespace) -> None:
         """Under torchrun or SLURM, trainer.devices and trainer.num_nodes are the launcher's; a value typed on the
