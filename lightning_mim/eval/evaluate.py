@@ -87,10 +87,15 @@ def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = 
     hyper = {} if path.suffix == ".safetensors" else read_checkpoint(path).get("hyper_parameters") or {}
     config = backbone or backbone_config_of(path)
     method = str(hyper.get("_class_path", "unknown")).rpartition(".")[2]
-    # <save_dir>/<name>/<version>/checkpoints/<file>: name the run by its logger name and version
-    run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name]) if path.parent.name == "checkpoints" \
-        else path.name
-    return Encoder(path, config, run, method, config_hash(hyper or {"backbone": config}))
+    return Encoder(path, config, run_name(path), method, config_hash(hyper or {"backbone": config}))
+
+
+def run_name(checkpoint: Path) -> str:
+    """The `run` of a checkpoint's rows in results.csv: `<name>/<version>/<file>` for a checkpoint at
+    `<save_dir>/<name>/<version>/checkpoints/<file>` (its logger's name and version), else the file name."""
+    if checkpoint.parent.name != "checkpoints":
+        return checkpoint.name
+    return "/".join([*(part.name for part in checkpoint.parents[2:0:-1]), checkpoint.name])
 
 
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
@@ -98,7 +103,8 @@ def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | No
     """MIMDataModule keyword arguments: data config, then the protocol recipe's `data:`, then the command line."""
     arguments = dict((yaml.safe_load(Path(options.data_config).read_text()) or {}).get("data") or {})
     arguments |= recipe_data or {}
-    flags = {"source": options.data_source, "data_dir": options.data_dir, "batch_size": options.batch_size,
+    flags = {"source": options.data_source, "data_dir": options.data_dir, "train_shards": options.train_shards,
+             "val_shards": options.val_shards, "batch_size": options.batch_size,
              "train_subset": options.train_subset, "val_subset": options.val_subset,
              "knn_bank_size": options.knn_bank, "synthetic_size": options.synthetic_size,
              "num_workers": options.num_workers}
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--data-source", default=None, choices=("fashion_mnist", "imagefolder", "webdataset",
                                                                  "synthetic"))
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--train-shards", default=None, help="WebDataset training shards (brace pattern)")
+    parser.add_argument("--val-shards", default=None, help="WebDataset validation shards (brace pattern)")
     parser.add_argument("--linear-config", default=str(CONFIG_DIR / "eval" / "linear_demo_fmnist.yaml"))
     parser.add_argument("--finetune-config", default=str(CONFIG_DIR / "eval" / "finetune_demo_fmnist.yaml"))
     parser.add_argument("--epochs", type=int, default=None, help="epochs of both linear probe and fine-tuning")
@@ -238,4 +246,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["COLUMNS", "append_results", "config_hash", "main", "resolve_encoder"]
+__all__ = ["COLUMNS", "append_results", "config_hash", "main", "resolve_encoder", "run_name"]
