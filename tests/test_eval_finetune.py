@@ -126,6 +126,7 @@ RECIPES = {
     "finetune_mapet_vit_b16_in1k.yaml": (512, 5e-4, 0.65),
     "finetune_beyond_masking_vit_b16_in1k.yaml": (1024, 4e-3, 0.75),
     "finetune_symmim_vit_b16_in1k.yaml": (1024, 2e-3, 0.65),
+    "finetune_symmim_vit_l16_in1k.yaml": (1024, 4e-3, 0.75),
     "finetune_demo_fmnist.yaml": (256, 1e-3, 0.75),
     "linear_mae_vit_b16_in1k.yaml": (16384, 6.4, None),
     "linear_demo_fmnist.yaml": (256, 6.4, None),
