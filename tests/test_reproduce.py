@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from lightning_mim.cli import main as cli_main
 from lightning_mim.cli import run_cli
 from lightning_mim.reliability import safe_load
 from lightning_mim.reproduce import driver
@@ -228,7 +229,9 @@ def test_webdataset_data_and_bad_input(tmp_path):
 
 
 def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accuracy(tmp_path):
-    plan, printed = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
+    _, printed = quiet(cli_main, ["compare", "--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
+    assert re.findall(r"^\[dry run\] (\w+)/pretrain", printed, re.MULTILINE) == ["mae", "simmim", "lut", "symmim"]
+    plan, _ = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
     assert [run.method for run in plan.runs] == ["MAE", "SimMIM", "LUT", "SymMIM"]
     # after each method's recipe, the same arguments (budget, data, evaluation-free training settings) for all
     after_recipe = {tuple(command[len(command) - command[::-1].index("--config") + 1:
@@ -239,7 +242,7 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
     assert all(run.pretrain.command[run.pretrain.command.index("--model.backbone.img_size") + 1] == "32"
                for run in plan.runs)
 
-    plan, printed = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--rows", "mae"])
+    plan, _ = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--rows", "mae"])
     saved = (plan.runs[0].run_dir / "config.yaml").read_text()
     assert "img_size: 32" in saved  # MAE's demo recipe is 28 px; compare runs it at 32
     table = (plan.out / "table.md").read_text()
