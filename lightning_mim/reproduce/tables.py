@@ -31,6 +31,10 @@ class RunResult:
     img_per_s: float | None  # mean of the training step's logged throughput (all devices)
     hours: float  # wall-clock of the pre-training's attempts
 
+    def top1_of(self, protocol: str) -> float | str:
+        """This run's top-1, or why there is none: "not run" by this preset, "missing" from results.csv."""
+        return self.top1.get(protocol, "missing") if protocol in self.run.protocols else "not run"
+
     def metrics(self) -> dict[str, float]:
         values = {f"reproduce/{protocol}_top1": value for protocol, value in self.top1.items()}
         if self.img_per_s is not None:
@@ -61,13 +65,14 @@ def collect(plan: Plan, state: State) -> list[RunResult]:
     return results
 
 
-def number(value: float | None, digits: int) -> str:
-    return "unknown" if value is None else f"{value:.{digits}f}"
+def cell(value: float | str, digits: int) -> str:
+    """A number with `digits` decimals; a word ("unknown", "not run", ...) as it is."""
+    return value if isinstance(value, str) else f"{value:.{digits}f}"
 
 
 def paper_cell(run: PlannedRun, protocol: str) -> str:
     """The paper's number(s) beside a run: one value for a paper-scale row, each backbone's for a demo row."""
-    values = [(row.backbone, number(row.reported.get(protocol), 1)) for row in run.references]
+    values = [(row.backbone, cell(row.reported.get(protocol, "unknown"), 1)) for row in run.references]
     if len(values) == 1:
         return values[0][1]
     return "; ".join(f"{backbone} {value}" for backbone, value in values)
@@ -78,11 +83,12 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
 
-def cost_cells(result: RunResult) -> list[str]:
-    return [number(result.img_per_s, 0), f"{result.hours:.3f}", str(result.run.devices)]
-
-
 COST_HEADER = ["img/s (training step)", "pre-train wall-clock h", "devices"]
+
+
+def cost_cells(result: RunResult) -> list[str]:
+    img_per_s = result.img_per_s if result.img_per_s is not None else "not logged"
+    return [cell(img_per_s, 0), f"{result.hours:.3f}", str(result.run.devices)]
 
 
 def table_lines(plan: Plan, results: list[RunResult], with_paper: bool) -> tuple[list[str], list[list[str]]]:
@@ -95,7 +101,7 @@ def table_lines(plan: Plan, results: list[RunResult], with_paper: bool) -> tuple
     for result in results:
         line = [result.run.key, result.run.method, result.run.backbone]
         for protocol in plan.protocols:
-            line.append(number(result.top1.get(protocol), 2) if protocol in result.run.protocols else "not run")
+            line.append(cell(result.top1_of(protocol), 2))
             if with_paper:
                 line.append(paper_cell(result.run, protocol))
         lines.append(line + cost_cells(result))
@@ -120,8 +126,7 @@ def write_tables(plan: Plan, results: list[RunResult], with_paper: bool) -> Path
                 paper = {} if row is None else {
                     "paper_backbone": row.backbone, "paper_top1": row.reported.get(protocol, "unknown"),
                     "paper_source": row.source}
-                top1 = result.top1.get(protocol) if protocol in result.run.protocols else "not run"
-                records.append(common | {"protocol": protocol, "top1": top1} | paper | cost)
+                records.append(common | {"protocol": protocol, "top1": result.top1_of(protocol)} | paper | cost)
     with (plan.out / "table.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(records[0]))
         writer.writeheader()
