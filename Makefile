@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 FMNIST_DEB_DIR := .data/fashion-mnist
 RUN ?= runs
 
-.PHONY: install data demo test bench tensorboard clean
+.PHONY: install data demo test bench tensorboard clean reproduce-lut reproduce-symmim reproduce-all \
+	reproduce-mapet reproduce-beyond-masking compare
 
 install: $(STAMP) data
 
@@ -45,6 +46,27 @@ bench: install
 	$(BIN)/python -m benchmarks.bench --methods all --size small --img-size 224 --patch-size 16 --batch 32 \
 	    --steps 5 --warmup 2 --data imagefolder,webdataset --workers 1 --shard-workers 1,2 --device cpu \
 	    --out benchmarks/results/cpu_vit_s16
+
+# A paper's table rows (pre-training, then `lightning-mim evaluate`) and its table, in runs/reproduce/<preset>/<paper>/;
+# `compare`: every method under one budget and one evaluation, table and plot in runs/reproduce/<preset>/compare/.
+# PRESET=smoke|demo|paper (default: paper when DATA is given, else demo), DATA=, GPUS= (per node), NODES=, SLURM=1,
+# DRY_RUN=1 (print the commands only), ROWS=a,b, FIT_ARGS= / EVAL_ARGS= (more fit / evaluate arguments), EPOCHS=
+# (compare's budget at paper scale). Unset ones take the driver's defaults (`lightning-mim reproduce --help`).
+REPRODUCE_ARGS = $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data '$(DATA)') $(if $(GPUS),--gpus $(GPUS)) \
+	$(if $(NODES),--nodes $(NODES)) $(if $(filter 1,$(SLURM)),--slurm) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
+	$(if $(ROWS),--rows $(ROWS)) $(if $(FIT_ARGS),--fit-args='$(FIT_ARGS)') $(if $(EVAL_ARGS),--eval-args='$(EVAL_ARGS)')
+
+reproduce-lut reproduce-symmim reproduce-all: install
+	$(BIN)/lightning-mim reproduce $(@:reproduce-%=%) $(REPRODUCE_ARGS)
+
+reproduce-mapet:
+	@echo "make $@: not implemented yet: the method lands with issue 18" >&2; exit 2
+
+reproduce-beyond-masking:
+	@echo "make $@: not implemented yet: the method lands with issue 19" >&2; exit 2
+
+compare: install
+	$(BIN)/lightning-mim compare $(REPRODUCE_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(RUN)

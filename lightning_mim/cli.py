@@ -5,6 +5,8 @@
     lightning-mim fit --print_config --model MAE
     lightning-mim make-shards /data/imagenet/train /data/in1k-wds/train-%06d.tar
     lightning-mim demo
+    lightning-mim reproduce lut --preset smoke
+    lightning-mim compare --dry-run
 """
 from __future__ import annotations
 
@@ -202,11 +204,14 @@ class MIMCLI(LightningCLI):
             job_folder.rmdir()
 
 
+# subcommand -> ("module" or "module:function" taking the remaining words, default function `main`; help text)
 EXTRA_COMMANDS = {
     "make-shards": ("lightning_mim.data.shards", "write an ImageFolder split as WebDataset tar shards"),
     "demo": ("lightning_mim.demo", "pre-train MAE on Fashion-MNIST on the CPU and compare k-NN with random init"),
     "export": ("lightning_mim.eval.weights", "write a checkpoint's encoder as a timm-compatible safetensors file"),
     "evaluate": ("lightning_mim.eval.evaluate", "run k-NN / linear probe / fine-tuning on a checkpoint"),
+    "reproduce": ("lightning_mim.reproduce.driver", "a paper's table rows (pre-train, evaluate) and its results table"),
+    "compare": ("lightning_mim.reproduce.driver:main_compare", "every method under one budget: table and plot"),
 }
 
 
@@ -239,8 +244,8 @@ def configuration_error_message(error: BaseException) -> str:
 def run_command(words: list[str]) -> None:
     """Run `lightning-mim <words>`: a LightningCLI subcommand or one of EXTRA_COMMANDS."""
     if words and words[0] in EXTRA_COMMANDS:
-        module = importlib.import_module(EXTRA_COMMANDS[words[0]][0])
-        module.main(words[1:])
+        module, _, function = EXTRA_COMMANDS[words[0]][0].partition(":")
+        getattr(importlib.import_module(module), function or "main")(words[1:])
         return
     if words and words[0] in ("-h", "--help"):
         print("extra subcommands: " + "; ".join(f"{name}: {text}" for name, (_, text) in EXTRA_COMMANDS.items()))

@@ -90,13 +90,19 @@ def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = 
     path = Path(spec)
     config = backbone or backbone_config_of(path)
     identity = pretraining_identity(path, config)
+    return Encoder(path, config, run_name(path, identity), identity["method"], identity["config_hash"])
+
+
+def run_name(checkpoint: Path, identity: dict[str, str] | None = None) -> str:
+    """The `run` of a weights file's rows in results.csv: `<logger name>/<version>/<file>`, from the run recorded in
+    the file (`pretraining_identity`) or, for an older checkpoint at `<save_dir>/<name>/<version>/checkpoints/<file>`,
+    from its path; else the file name."""
+    identity = identity if identity is not None else pretraining_identity(checkpoint, backbone_config_of(checkpoint))
     if "run" in identity:
-        run = f"{identity['run']}/{path.name}"
-    elif path.parent.name == "checkpoints":  # <save_dir>/<name>/<version>/checkpoints/<file> of an older checkpoint
-        run = "/".join([*(part.name for part in path.parents[2:0:-1]), path.name])
-    else:
-        run = path.name
-    return Encoder(path, config, run, identity["method"], identity["config_hash"])
+        return f"{identity['run']}/{checkpoint.name}"
+    if checkpoint.parent.name == "checkpoints":
+        return "/".join([*(part.name for part in checkpoint.parents[2:0:-1]), checkpoint.name])
+    return checkpoint.name
 
 
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
@@ -104,7 +110,8 @@ def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | No
     """MIMDataModule keyword arguments: data config, then the protocol recipe's `data:`, then the command line."""
     arguments = dict((yaml.safe_load(Path(options.data_config).read_text()) or {}).get("data") or {})
     arguments |= recipe_data or {}
-    flags = {"source": options.data_source, "data_dir": options.data_dir, "batch_size": options.batch_size,
+    flags = {"source": options.data_source, "data_dir": options.data_dir, "train_shards": options.train_shards,
+             "val_shards": options.val_shards, "batch_size": options.batch_size,
              "train_subset": options.train_subset, "val_subset": options.val_subset,
              "knn_bank_size": options.knn_bank, "synthetic_size": options.synthetic_size,
              "num_workers": options.num_workers}
@@ -207,6 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--data-source", default=None, choices=("fashion_mnist", "imagefolder", "webdataset",
                                                                  "synthetic"))
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--train-shards", default=None, help="WebDataset training shards (brace pattern)")
+    parser.add_argument("--val-shards", default=None, help="WebDataset validation shards (brace pattern)")
     parser.add_argument("--linear-config", default=str(CONFIG_DIR / "eval" / "linear_demo_fmnist.yaml"))
     parser.add_argument("--finetune-config", default=str(CONFIG_DIR / "eval" / "finetune_demo_fmnist.yaml"))
     parser.add_argument("--epochs", type=int, default=None, help="epochs of both linear probe and fine-tuning")
@@ -259,4 +268,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["COLUMNS", "append_results", "config_hash", "main", "resolve_encoder"]
+__all__ = ["COLUMNS", "append_results", "config_hash", "main", "resolve_encoder", "run_name"]

@@ -1,0 +1,6 @@
+"""`lightning-mim reproduce <paper>` and `lightning-mim compare`: papers' table rows as resumable stages (pre-training,
+then `lightning-mim evaluate`) and the tables they write. See `driver` for the stages, `presets` for the smoke / demo /
+paper scales, `papers` for the rows and reported numbers, `tables` for the outputs."""
+from lightning_mim.reproduce.driver import main, main_compare
+
+__all__ = ["main", "main_compare"]

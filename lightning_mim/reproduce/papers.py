@@ -1,0 +1,87 @@
+"""The papers `lightning-mim reproduce` runs, their table rows, and the numbers they report.
+
+Every number is copied from the method specs (`../shared/methods/<paper>.md`, not part of this package), with the
+section it comes from. A protocol missing from `reported` is one the spec gives no number for: tables show it as
+"unknown", never as a value.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# The micro demo recipes (Fashion-MNIST, CPU): the pre-training of one method in PRESET=demo and PRESET=smoke.
+DEMO_RECIPES: dict[str, str] = {
+    "MAE": "configs/mae/vit_micro_p4_demo_fmnist.yaml",
+    "SimMIM": "configs/simmim/vit_micro_p4_demo_fmnist.yaml",
+    "LUT": "configs/lut/vit_micro_p4_demo_fmnist.yaml",
+    "SymMIM": "configs/symmim/vit_micro_p4_demo_fmnist.yaml",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a paper's table at paper scale: a pre-training recipe, the fine-tuning recipe of its evaluation,
+    and what the paper reports for it (ImageNet-1k top-1, %)."""
+
+    key: str
+    method: str
+    backbone: str
+    recipe: str
+    effective_batch: int  # the paper's pre-training batch: per-device batch x devices x nodes x accumulation
+    finetune_recipe: str
+    source: str  # where `reported` and `effective_batch` come from
+    reported: Mapping[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Paper:
+    key: str
+    title: str
+    rows: tuple[Row, ...]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods of the rows, in table order (one demo row each)."""
+        return tuple(dict.fromkeys(row.method for row in self.rows))
+
+
+MAE_VIT_B16 = "configs/mae/vit_b16_1600ep_in1k.yaml"
+LUT_FINETUNE = "configs/eval/finetune_lut_vit_b16_in1k.yaml"
+SYMMIM_FINETUNE_B = "configs/eval/finetune_symmim_vit_b16_in1k.yaml"
+
+LUT = Paper("lut", "LUT: Learning with Unmasked Tokens Drives Stronger Vision Learners (Kim et al., ECCV 2024)", (
+    Row("mae_vit_b16", "MAE", "ViT-B/16", MAE_VIT_B16, 4096, "configs/eval/finetune_mae_vit_b16_in1k.yaml",
+        "lut.md section 4 (MAE as listed by LUT); batch: MAE PRETRAIN.md via the recipe", {"finetune": 83.7},
+        note="LUT's abstract implies 83.6, MAE's own 1600-epoch number (lut.md section 4)"),
+    Row("lut_vit_s16", "LUT", "ViT-S/16", "configs/lut/vit_s16_1600ep_in1k.yaml", 4096, LUT_FINETUNE,
+        "lut.md sections 3 and 4", {"finetune": 82.0},
+        note="ViT-S pre-training and fine-tuning recipes unknown (lut.md 3.1, 3.2): ViT-B's are used"),
+    Row("lut_vit_b16", "LUT", "ViT-B/16", "configs/lut/vit_b16_1600ep_in1k.yaml", 4096, LUT_FINETUNE,
+        "lut.md sections 3.1 and 4", {"finetune": 84.2}),
+    Row("lut_vit_l16", "LUT", "ViT-L/16", "configs/lut/vit_l16_1600ep_in1k.yaml", 4096, LUT_FINETUNE,
+        "lut.md sections 3 and 4", {"finetune": 86.0},
+        note="ViT-L pre-training and fine-tuning recipes unknown (lut.md 3.1, 3.2): ViT-B's are used"),
+))
+
+SYMMIM = Paper("symmim", "SymMIM: Symmetric masking strategy enhances the performance of Masked Image Modeling "
+                         "(Nguyen and Park, ICPR 2024)", (
+    Row("simmim_vit_b16", "SimMIM", "ViT-B/16", "configs/simmim/vit_b16_800ep_in1k.yaml", 2048, SYMMIM_FINETUNE_B,
+        "symmim.md sections 5 and 6 (SimMIM's own paper, not SymMIM's table)", {"finetune": 83.8},
+        note="fine-tuned with SymMIM's protocol (cls token), not SimMIM's own (mean pooling)"),
+    Row("symmim_vit_b16", "SymMIM", "ViT-B/16", "configs/symmim/vit_b16_800ep_in1k.yaml", 2048, SYMMIM_FINETUNE_B,
+        "symmim.md sections 5 and 6: ViT-B top-1 not available",
+        note="pre-training values are the spec's fills (symmim.md section 5); epochs unknown (A14)"),
+    Row("symmim_vit_l16", "SymMIM", "ViT-L/16", "configs/symmim/vit_l16_800ep_in1k.yaml", 2048,
+        "configs/eval/finetune_symmim_vit_l16_in1k.yaml", "symmim.md sections 5 and 6 (abstract)",
+        {"finetune": 85.9}, note="pre-training values are the spec's fills (symmim.md section 5); epochs unknown"),
+))
+
+PAPERS: dict[str, Paper] = {paper.key: paper for paper in (LUT, SYMMIM)}
+# Papers whose method has not landed yet: `make reproduce-<key>` names the issue that brings it.
+PLANNED: dict[str, int] = {"mapet": 18, "beyond-masking": 19}
+
+# `make compare`: every method that exists, each with its ViT-B/16 paper recipe (PRESET=paper) or demo recipe.
+COMPARE_ROWS: tuple[Row, ...] = tuple(
+    next(row for paper in PAPERS.values() for row in paper.rows if row.method == method and row.backbone == "ViT-B/16")
+    for method in ("MAE", "SimMIM", "LUT", "SymMIM"))

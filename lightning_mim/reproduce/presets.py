@@ -1,0 +1,198 @@
+"""How a table row is pre-trained and evaluated at each scale: the `lightning-mim fit` and `evaluate` arguments of
+PRESET=smoke (synthetic images, a few steps: seconds per row), demo (Fashion-MNIST on the CPU with the micro demo
+recipes: minutes per row) and paper (ImageNet with the paper's recipe at the paper's effective batch, on GPUS x NODES
+GPUs through torchrun or SLURM)."""
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lightning_mim.methods.base import OptimConfig
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = ("smoke", "demo", "paper")
+
+# Appended to a demo recipe: 6 steps of batch 16 on 64 synthetic images, no validation, throughput logged every 2
+# steps so that the img/s column has a value.
+SMOKE_FIT = (
+    "--data.source", "synthetic", "--data.synthetic_size", "64", "--data.batch_size", "16",
+    "--data.num_workers", "0", "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0",
+    "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false",
+    "--knn.every_n_epochs", "1000", "--reconstruction.every_n_epochs", "1000",
+    "--throughput.log_every_n_steps", "2", "--throughput.warmup_steps", "1",
+)
+SMOKE_EVALUATE = (
+    "--data-source", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
+    "--num-workers", "0", "--knn-bank", "64", "--accelerator", "cpu",
+)
+# The demo's linear probe (10 epochs) and fine-tuning (cut to 2 epochs) train on a seeded 10,000-image subset of the
+# 60,000 training images, so that a row's evaluation takes minutes on the CPU.
+DEMO_EVALUATE = ("--accelerator", "cpu", "--train-subset", "10000", "--finetune-epochs", "2")
+
+
+class ReproduceError(ValueError):
+    """Bad input to `reproduce` / `compare`: the message names the problem and the fix."""
+
+
+def shown(path: Path | str) -> str:
+    """A path as commands show it: relative to the current folder when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def config(relative: str) -> str:
+    """A file of this checkout (`configs/...`) as commands show it."""
+    return shown(REPO / relative)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the user asked for: preset, data, devices, launcher, and extra arguments for every fit / evaluate."""
+
+    preset: str
+    data: str | None = None
+    gpus: int = 8
+    nodes: int = 1
+    slurm: bool = False
+    fit_args: tuple[str, ...] = ()
+    eval_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ReproduceError(f"unknown preset {self.preset!r}: choose PRESET={', '.join(PRESETS)}")
+        if self.gpus < 1 or self.nodes < 1:
+            raise ReproduceError(f"GPUS and NODES must be at least 1, got GPUS={self.gpus} NODES={self.nodes}")
+        if self.preset == "paper" and not self.data:
+            raise ReproduceError("PRESET=paper needs DATA=<ImageNet ImageFolder with train/ and val/, or a folder of "
+                                 "make-shards WebDataset shards train-*.tar / val-*.tar>")
+        if self.slurm and self.preset != "paper":
+            raise ReproduceError(f"SLURM=1 applies to PRESET=paper only (PRESET={self.preset} runs on this CPU)")
+
+    @property
+    def devices(self) -> int:
+        """Devices of one pre-training run: GPUS x NODES at paper scale, one CPU process otherwise."""
+        return self.gpus * self.nodes if self.preset == "paper" else 1
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One `lightning-mim evaluate` stage: its protocols, arguments, and the devices it trains on."""
+
+    protocols: str
+    args: tuple[str, ...]
+    devices: int = 1
+
+
+def paper_data(data: str) -> tuple[str, list[str], list[str]]:
+    """DATA at paper scale: (data config, fit arguments, evaluate arguments) for an ImageFolder (`train/`, `val/`)
+    or a folder of make-shards WebDataset shards (`train-000000.tar`, ... and `val-...`). A folder that does not
+    exist here is taken as an ImageFolder (a dry run on another machine)."""
+    folder = Path(data)
+    shards = {split: sorted(folder.glob(f"{split}-*.tar")) for split in ("train", "val")}
+    if shards["train"]:
+        if not shards["val"]:
+            raise ReproduceError(f"DATA={data} holds train-*.tar shards but no val-*.tar: write them with "
+                                 f"`lightning-mim make-shards <ImageFolder>/val '{data}/val-%06d.tar'`")
+        patterns = {split: brace_range(files) for split, files in shards.items()}
+        return (config("configs/data/imagenet_wds.yaml"),
+                ["--data.train_shards", patterns["train"], "--data.val_shards", patterns["val"]],
+                ["--train-shards", patterns["train"], "--val-shards", patterns["val"]])
+    if folder.exists() and not (folder / "train").is_dir():
+        raise ReproduceError(f"DATA={data} holds neither train/ and val/ (an ImageFolder) nor train-*.tar shards: "
+                             f"point DATA at one of those")
+    return config("configs/data/imagenet_folder.yaml"), ["--data.data_dir", data], ["--data-dir", data]
+
+
+def brace_range(files: list[Path]) -> str:
+    """`dir/train-{000000..000041}.tar` for the numbered shards `files` (make-shards numbers them from 0)."""
+    first, last = files[0].name, files[-1].name
+    stem, number = first[:first.rindex("-") + 1], first[first.rindex("-") + 1:-len(".tar")]
+    span = f"{{{number}..{last[len(stem):-len('.tar')]}}}" if len(files) > 1 else number
+    return str(files[0].parent / f"{stem}{span}.tar")
+
+
+def paper_batch(recipe: str, effective_batch: int, devices: int) -> tuple[int, int, float]:
+    """(per-device batch, gradient accumulation, peak lr) that keep a paper recipe's effective batch on `devices`
+    GPUs: the recipe's per-device batch, or the largest divisor below it, and the lr its scaling rule gives at
+    that effective batch (the same `OptimConfig.peak_lr` the method uses)."""
+    settings = yaml.safe_load((REPO / recipe).read_text())
+    per_device_most = int(settings["data"]["batch_size"])
+    if effective_batch % devices:
+        raise ReproduceError(f"the effective batch {effective_batch} of {recipe} does not split over {devices} GPUs: "
+                             f"choose GPUS x NODES dividing {effective_batch} (e.g. GPUS=8 NODES=1)")
+    per_rank = effective_batch // devices
+    per_device = next(size for size in range(min(per_device_most, per_rank), 0, -1) if per_rank % size == 0)
+    peak_lr = OptimConfig(**settings["model"]["init_args"]["optim"]).peak_lr(effective_batch)
+    return per_device, per_rank // per_device, peak_lr
+
+
+def pretrain_args(setup: Setup, recipe: str, effective_batch: int | None) -> tuple[list[str], str]:
+    """`lightning-mim fit` arguments of one pre-training (without its output folders) and a line describing its
+    batch and lr."""
+    if setup.preset == "smoke":
+        return [*["--config", config("configs/trainer/cpu.yaml"), "--config", config(recipe)], *SMOKE_FIT], \
+            "synthetic images, 6 steps of batch 16 on the CPU"
+    if setup.preset == "demo":
+        data_dir = ["--data.data_dir", setup.data] if setup.data else []
+        return ["--config", config("configs/trainer/cpu.yaml"), "--config", config("configs/data/fashion_mnist.yaml"),
+                "--config", config(recipe), *data_dir], "Fashion-MNIST on the CPU, the demo recipe's budget"
+    assert effective_batch is not None, "paper rows state their effective batch"
+    data_config, data_args, _ = paper_data(setup.data)
+    trainer = "configs/trainer/multinode.yaml" if setup.nodes > 1 else "configs/trainer/ddp.yaml"
+    per_device, accumulation, peak_lr = paper_batch(recipe, effective_batch, setup.devices)
+    return (["--config", config(trainer), "--config", data_config, "--config", config(recipe), *data_args,
+             "--data.batch_size", str(per_device), "--trainer.accumulate_grad_batches", str(accumulation),
+             "--model.optim.lr", f"{peak_lr:.6g}"],
+            f"effective batch {effective_batch} = {per_device} per GPU x {setup.gpus} GPUs x {setup.nodes} nodes x "
+            f"accumulation {accumulation}; peak lr {peak_lr:.6g} (the recipe's rule at {effective_batch})")
+
+
+def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | None = None) -> list[EvalSpec]:
+    """The evaluation stages of one row: k-NN and the linear probe at smoke scale, fine-tuning too at demo scale; at
+    paper scale k-NN, the linear probe when a recipe is given, and fine-tuning with the row's recipe on GPUS GPUs of
+    one node."""
+    if setup.preset == "smoke":
+        return [EvalSpec("knn,linear", SMOKE_EVALUATE)]
+    if setup.preset == "demo":
+        return [EvalSpec("knn,linear,finetune", (*DEMO_EVALUATE, *(("--data-dir", setup.data) if setup.data else ())))]
+    data_config, _, data_args = paper_data(setup.data)
+    common = ("--data-config", data_config, *data_args, "--accelerator", "gpu")
+    trained = ("--devices", str(setup.gpus), "--strategy", "ddp")
+    specs = [EvalSpec("knn", common)]
+    if linear_recipe is not None:
+        specs.append(EvalSpec("linear", (*common, "--linear-config", config(linear_recipe), *trained), setup.gpus))
+    if finetune_recipe is not None:
+        specs.append(EvalSpec("finetune", (*common, "--finetune-config", config(finetune_recipe), *trained),
+                              setup.gpus))
+    return specs
+
+
+def torchrun_command(setup: Setup, fit_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """experiments/torchrun_pretrain.sh on this node (NODE_RANK, default 0); with NODES > 1 the other nodes run
+    the same command with their NODE_RANK and node 0's MASTER_ADDR."""
+    env = {"NNODES": str(setup.nodes), "GPUS_PER_NODE": str(setup.gpus),
+           "NODE_RANK": os.environ.get("NODE_RANK", "0")}
+    if setup.nodes > 1:
+        env["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "<node 0 address>")
+    return [config("experiments/torchrun_pretrain.sh"), *fit_args], env
+
+
+def sbatch_command(setup: Setup, fit_args: list[str], log: Path, job_name: str) -> list[str]:
+    """experiments/slurm_pretrain.sbatch submitted for GPUS x NODES tasks, waiting for the job to end (`--wait`) so
+    that the evaluations follow it."""
+    return ["sbatch", "--wait", "--nodes", str(setup.nodes), "--ntasks-per-node", str(setup.gpus),
+            "--gpus-per-node", str(setup.gpus), "--job-name", job_name, "--output", shown(log),
+            config("experiments/slurm_pretrain.sbatch"), *fit_args]
+
+
+def sbatch_wrap(command: list[str], tasks: int, log: Path, job_name: str) -> list[str]:
+    """An evaluation submitted as a one-node SLURM job of `tasks` GPU tasks, waiting for it to end."""
+    return ["sbatch", "--wait", "--nodes", "1", "--ntasks-per-node", str(tasks), "--gpus-per-node", str(tasks),
+            "--job-name", job_name, "--output", shown(log), "--wrap", f"srun {shlex.join(command)}"]
