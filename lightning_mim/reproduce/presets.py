@@ -25,9 +25,11 @@ SMOKE_FIT = (
     "--knn.every_n_epochs", "1000", "--reconstruction.every_n_epochs", "1000",
     "--throughput.log_every_n_steps", "2", "--throughput.warmup_steps", "1",
 )
+# The synthetic images are colour; pre-training converted them to the demo encoders' one channel, and so does
+# --adapt-images here.
 SMOKE_EVALUATE = (
     "--data-source", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
-    "--num-workers", "0", "--knn-bank", "64", "--accelerator", "cpu",
+    "--num-workers", "0", "--knn-bank", "64", "--accelerator", "cpu", "--adapt-images",
 )
 # The demo's linear probe (10 epochs) and fine-tuning (cut to 2 epochs) train on a seeded 10,000-image subset of the
 # 60,000 training images, so that a row's evaluation takes minutes on the CPU.
