@@ -127,7 +127,8 @@ def test_reconstruction_grid_pastes_predictions_into_masked_patches():
 def test_optimiser_defaults_and_no_decay_on_tokens():
     model = micro_simmim()
     config = model.optim_config
-    assert (config.base_lr, config.lr_reference_batch, config.betas, config.warmup_epochs) == (1e-4, 512, (0.9, 0.999), 10)
+    assert (config.base_lr, config.lr_reference_batch, config.betas, config.warmup_epochs) == (
+        1e-4, 512, (0.9, 0.999), 10)
     assert config.peak_lr(2048) == pytest.approx(4e-4)  # 1e-4 x 2048 / 512
     groups = model.parameter_groups()
     no_decay = {id(p) for group in groups if group["weight_decay"] == 0.0 for p in group["params"]}

@@ -65,7 +65,8 @@ class SymMIM(SimMIM):
         super().__init__(backbone, optim, loss_weights, feature_pool, mask_ratio=0.5, mask_patch_size=mask_patch_size)
         for name, value, choices in (("mask_phase", mask_phase, ("fixed", "random")),
                                      ("recon_loss", recon_loss, ("l1", "norm_pix_mse")),
-                                     ("con_level", con_level, ("image", "patch")), ("con_token", con_token, ("cls", "mean"))):
+                                     ("con_level", con_level, ("image", "patch")),
+                                     ("con_token", con_token, ("cls", "mean"))):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}: choose one of {choices}")
         if con_token == "cls" and con_level == "image" and not self.backbone.num_prefix_tokens:
