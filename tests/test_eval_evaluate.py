@@ -123,3 +123,27 @@ def test_evaluating_on_data_of_another_format_names_both(tmp_path: Path, capsys,
               "--data-dir", str(fashion_mnist), "--num-workers", "0", "--knn-bank", "12", *data_args,
               "--adapt-images"])
     assert [row["protocol"] for row in read_rows(tmp_path / "results")] == ["knn"]
+
+
+def test_an_encoder_pre_trained_on_the_source_at_another_size_is_evaluated_at_its_size(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """The SimMIM / SymMIM demos pre-train on Fashion-MNIST resized to 32 px: evaluate takes their checkpoints as
+    they are, while a checkpoint pre-trained on other data still needs --adapt-images."""
+    monkeypatch.delenv("LIGHTNING_MIM_DEBUG", raising=False)
+    (tmp_path / "fmnist").mkdir()
+    fashion_mnist = fake_fashion_mnist(tmp_path / "fmnist")
+    common = ["--model", "SimMIM", "--model.backbone.size", "micro", "--model.backbone.img_size", "32",
+              "--model.backbone.patch_size", "4", "--model.backbone.in_chans", "1", "--model.mask_patch_size", "8",
+              "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.max_steps", "1",
+              "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--knn.every_n_epochs", "1000",
+              "--trainer.enable_progress_bar", "false"]
+    for source, extra in (("fashion_mnist", ["--data.data_dir", str(fashion_mnist)]),
+                          ("synthetic", ["--data.synthetic_size", "8"])):
+        run_cli(["fit", *common, "--data.source", source, *extra, "--trainer.default_root_dir", str(tmp_path / source),
+                 "--checkpoint.dirpath", str(tmp_path / source / "ckpt")])
+    evaluate = ["evaluate", "--protocols", "knn", "--data-dir", str(fashion_mnist), "--num-workers", "0",
+                "--knn-bank", "12", "--results", str(tmp_path / "results")]
+    cli_main([*evaluate, "--ckpt", str(tmp_path / "fashion_mnist" / "ckpt" / "last.ckpt")])
+    assert [row["protocol"] for row in read_rows(tmp_path / "results")] == ["knn"]
+    with pytest.raises(SystemExit):
+        cli_main([*evaluate, "--ckpt", str(tmp_path / "synthetic" / "ckpt" / "last.ckpt")])

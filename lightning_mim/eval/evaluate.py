@@ -13,10 +13,11 @@ encoder must beat.
 
 Data: `--data-config` (a LightningCLI data YAML, default Fashion-MNIST), then the protocol recipe's `data:` section,
 then the `--data-*` / `--batch-size` / `--*-subset` flags. Fashion-MNIST and synthetic data must have the encoder's
-image size and channels (`--adapt-images` resizes and converts them instead). Linear / fine-tune recipes
-(`--linear-config`, `--finetune-config`, YAML with `model:` = LinearProbe / FineTune keyword arguments, `data:` and
-`trainer:`) default to the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`, `--finetune-epochs`)
-overrides their `trainer.max_epochs`. The reported accuracy is the one after the last epoch.
+image size and channels (`--adapt-images` resizes and converts them instead), except that an encoder pre-trained on
+the same source at another size (the SimMIM / SymMIM demos: Fashion-MNIST at 32 px) is evaluated at its size.
+Linear / fine-tune recipes (`--linear-config`, `--finetune-config`, YAML with `model:` = LinearProbe / FineTune
+keyword arguments, `data:` and `trainer:`) default to the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`,
+`--finetune-epochs`) overrides their `trainer.max_epochs`. The reported accuracy is the one after the last epoch.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.knn import extract_features, knn_accuracy
 from lightning_mim.eval.linear import LinearProbe
 from lightning_mim.eval.weights import (
-    backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, save_encoder,
+    backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, read_checkpoint, save_encoder,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -63,6 +64,7 @@ class Encoder:
     run: str
     method: str
     config_hash: str
+    pretrained_on: str | None = None  # the data source of the pre-training, where the checkpoint records it
 
 
 def random_encoder(recipe: Path, workdir: Path) -> Encoder:
@@ -90,7 +92,9 @@ def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = 
     path = Path(spec)
     config = backbone or backbone_config_of(path)
     identity = pretraining_identity(path, config)
-    return Encoder(path, config, run_name(path, identity), identity["method"], identity["config_hash"])
+    data = {} if path.suffix == ".safetensors" else read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    return Encoder(path, config, run_name(path, identity), identity["method"], identity["config_hash"],
+                   data.get("source"))
 
 
 def run_name(checkpoint: Path, identity: dict[str, str] | None = None) -> str:
@@ -120,12 +124,17 @@ def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | No
     return arguments | {"persistent_workers": False, "seed": options.seed}
 
 
-def build_datamodule(arguments: dict[str, Any], config: BackboneConfig, adapt_images: bool) -> MIMDataModule:
+def build_datamodule(arguments: dict[str, Any], encoder: Encoder, adapt_images: bool) -> MIMDataModule:
     """The evaluation data at the encoder's image size and channels. A source whose images all have one format
-    (Fashion-MNIST, synthetic) must have the encoder's unless `adapt_images` (resize and convert them)."""
+    (Fashion-MNIST, synthetic) must have the encoder's unless `adapt_images` (resize and convert them), or unless
+    the encoder was pre-trained on that source at another size (its pre-training resized them the same way)."""
+    config = encoder.config
     datamodule = MIMDataModule(**arguments)
     native = datamodule.native_format()
-    if native is not None and native != (config.img_size, config.in_chans) and not adapt_images:
+    resized_in_pretraining = (encoder.pretrained_on == datamodule.hparams.source and native is not None
+                              and native[1] == config.in_chans)
+    if native is not None and native != (config.img_size, config.in_chans) and not (adapt_images
+                                                                                     or resized_in_pretraining):
         size, channels = native
         raise ValueError(
             f"the encoder takes {config.img_size}x{config.img_size} images with {config.in_chans} channel(s) but the "
@@ -143,8 +152,7 @@ def eval_device(options: argparse.Namespace) -> torch.device:
 
 
 def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, float]:
-    datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder.config,
-                                  options.adapt_images)
+    datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder, options.adapt_images)
     model = MIMViT(encoder.config)
     state, report = load_encoder_state(encoder.path, encoder.config)
     load_into(model, state, report)
@@ -168,7 +176,7 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace) ->
     recipe_epochs = int(trainer_args.pop("max_epochs", 1))
     protocol_epochs = options.linear_epochs if protocol == "linear" else options.finetune_epochs
     epochs = next(value for value in (protocol_epochs, options.epochs, recipe_epochs) if value is not None)
-    datamodule = build_datamodule(data_arguments(options, recipe.get("data"), encoder.config), encoder.config,
+    datamodule = build_datamodule(data_arguments(options, recipe.get("data"), encoder.config), encoder,
                                   options.adapt_images)
     module_class = LinearProbe if protocol == "linear" else FineTune
     L.seed_everything(options.seed, verbose=False)
