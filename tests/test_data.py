@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -298,7 +299,11 @@ def test_imagefolder_skip_counter_with_worker_processes(broken_folder) -> None:
     assert dm.skipped_samples == 2
 
 
-def test_each_broken_image_is_counted_and_named_once_over_epochs_passes_and_workers(broken_folder, capfd) -> None:
+def test_each_broken_image_is_counted_and_named_once_over_epochs_passes_and_workers(broken_folder, capfd,
+                                                                                     monkeypatch) -> None:
+    # warnings print to stderr as outside pytest, whose recorder the forked loader workers would inherit and lose
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None, line=None:
+                        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
     root, _ = broken_folder
     dm = MIMDataModule(source="imagefolder", data_dir=str(root), num_workers=2, batch_size=2, drop_last=False,
                        persistent_workers=False, knn_bank_size=None)
