@@ -34,13 +34,23 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lightning_mim.cli", *args]
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "configs/mae").glob("*.yaml")), ids=lambda p: p.stem)
-def test_print_config_of_mae_recipes(recipe):
+# recipe folder -> method and lines its printed configuration must hold (LUT's recipes: tests/test_lut.py)
+RECIPE_KEYS = {
+    "mae": ("MAE", ("mask_ratio: 0.75", "norm_pix_loss: true", "lr_scaling: linear", "decoder_depth:", "knn:")),
+    "simmim": ("SimMIM", ("mask_ratio: 0.6", "lr_scaling: linear", "knn:")),
+    "symmim": ("SymMIM", ("temperature: 0.2", "momentum_base: 0.99", "mask_phase: fixed", "con: 1.0")),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(path for folder in RECIPE_KEYS for path in (ROOT / "configs" / folder).glob(
+    "*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_print_config_of_recipes(recipe):
+    method, keys = RECIPE_KEYS[recipe.parent.name]
     result = subprocess.run(cli_command("fit", "--config", str(recipe), "--print_config"), capture_output=True,
                             text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "class_path: lightning_mim.methods.MAE" in result.stdout
-    for key in ("mask_ratio: 0.75", "norm_pix_loss: true", "lr_scaling: linear", "decoder_depth:", "knn:"):
+    assert f"class_path: lightning_mim.methods.{method}" in result.stdout
+    for key in keys:
         assert key in result.stdout
 
 

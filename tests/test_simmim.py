@@ -1,7 +1,5 @@
 """SimMIM: block-random masking, mask tokens before the position embedding, the linear pixel head, L1 on masked
 pixels, its optimiser defaults and the multistep schedule; recipes print."""
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +9,6 @@ from lightning_mim.losses import masked_l1
 from lightning_mim.masking import simmim_masking
 from lightning_mim.methods import SimMIM
 from lightning_mim.methods.base import OptimConfig, warmup_multistep
-from test_cli import cli_command
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def micro_simmim(img_size: int = 32, **kwargs) -> SimMIM:
@@ -149,12 +144,3 @@ def test_multistep_schedule_by_hand():
         OptimConfig(schedule="multistep")
     with pytest.raises(ValueError, match="unknown schedule"):
         OptimConfig(schedule="step")
-
-
-@pytest.mark.parametrize("recipe", sorted((ROOT / "configs/simmim").glob("*.yaml")), ids=lambda p: p.stem)
-def test_print_config_of_simmim_recipes(recipe):
-    result = subprocess.run(cli_command("fit", "--config", str(recipe), "--print_config"), capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "class_path: lightning_mim.methods.SimMIM" in result.stdout
-    assert "mask_ratio: 0.6" in result.stdout
