@@ -4,6 +4,7 @@
         --config configs/mae/vit_micro_p4_demo_fmnist.yaml
     lightning-mim fit --print_config --model MAE
     lightning-mim make-shards /data/imagenet/train /data/in1k-wds/train-%06d.tar
+    lightning-mim tokenizer fit codebook.safetensors --features pixels --patch-size 4 --input-size 32
     lightning-mim demo
     lightning-mim reproduce lut --preset smoke
     lightning-mim compare --dry-run
@@ -38,6 +39,7 @@ from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, Re
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
 from lightning_mim.reliability import AtomicCheckpointIO, UnsafeCheckpointError, fit_to_launcher, launcher_layout
+from lightning_mim.targets.base import MissingExtraError
 
 
 class RNGState(Callback):
@@ -208,6 +210,7 @@ class MIMCLI(LightningCLI):
 EXTRA_COMMANDS = {
     "make-shards": ("lightning_mim.data.shards", "write an ImageFolder split as WebDataset tar shards"),
     "demo": ("lightning_mim.demo", "pre-train MAE on Fashion-MNIST on the CPU and compare k-NN with random init"),
+    "tokenizer": ("lightning_mim.targets.commands", "fit a k-means codebook; precompute token ids into shards"),
     "export": ("lightning_mim.eval.weights", "write a checkpoint's encoder as a timm-compatible safetensors file"),
     "evaluate": ("lightning_mim.eval.evaluate", "run k-NN / linear probe / fine-tuning on a checkpoint"),
     "reproduce": ("lightning_mim.reproduce.driver", "a paper's table rows (pre-train, evaluate) and its results table"),
@@ -225,8 +228,9 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> MIMCLI:
     )
 
 
-# Errors of bad input: configuration checks, missing files, refused checkpoints.
-CONFIGURATION_ERRORS = (ValueError, FileNotFoundError, UnsafeCheckpointError, pickle.UnpicklingError)
+# Errors of bad input: configuration checks, missing files, refused checkpoints, a missing optional extra.
+CONFIGURATION_ERRORS = (ValueError, FileNotFoundError, UnsafeCheckpointError, pickle.UnpicklingError,
+                        MissingExtraError)
 DEBUG_VARIABLE = "LIGHTNING_MIM_DEBUG"
 
 

@@ -14,8 +14,8 @@ from torchvision import transforms
 
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
-    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, count_samples,
-    expand_shards, read_classes, seeded_subset, webdataset_pipeline,
+    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, check_token_ids,
+    count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
@@ -87,8 +87,14 @@ class MIMDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_resize_ratio: float = 0.875,
         shuffle_buffer: int = 1000,
+        token_ids_key: str | None = None,
     ) -> None:
         """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
+
+        `token_ids_key` (webdataset only, e.g. "tokens.npy"): each training sample's precomputed tokenizer ids,
+        written by `lightning-mim tokenizer encode`, replace element [1] of its views (the tokenizer view) as an int64
+        (h, w) tensor. The ids belong to the centre-square view, so this is only valid for a method whose crop is
+        deterministic (MaPeT's scale-1 centre square).
 
         `global_batch_size`, when given, replaces `batch_size`: each device then loads global_batch_size /
         (devices x nodes x accumulate_grad_batches) images a step, which must divide exactly.
@@ -100,6 +106,10 @@ class MIMDataModule(L.LightningDataModule):
             raise ValueError(f"need batch_size > 0 and num_workers >= 0, got {batch_size} and {num_workers}")
         if global_batch_size is not None and global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        if token_ids_key is not None and source != "webdataset":
+            raise ValueError(f"token_ids_key reads ids stored in WebDataset shards (`lightning-mim tokenizer encode`), "
+                             f"not source {source!r}: use --data.source webdataset --data.train_shards PATTERN, or "
+                             f"drop token_ids_key to tokenise in the training step")
         if not 0.0 < eval_resize_ratio <= 1.0:
             raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
         self.save_hyperparameters()
@@ -217,6 +227,8 @@ class MIMDataModule(L.LightningDataModule):
         self._train_urls = expand_shards(hp.train_shards)
         self._val_urls = expand_shards(hp.val_shards) if hp.val_shards else []
         self._train_samples = count_samples(self._train_urls) if hp.train_samples is None else hp.train_samples
+        if hp.token_ids_key is not None:
+            check_token_ids(self._train_urls, hp.token_ids_key)
         classes = read_classes(self._train_urls) or read_classes(self._val_urls)
         # -1 marks "set up, class count unknown" (shards without the writer's classes.json).
         self._num_classes = len(classes) if classes else -1
@@ -296,7 +308,7 @@ class MIMDataModule(L.LightningDataModule):
             # with_epoch cuts exactly `batches` batches on every rank.
             pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
                                            node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
-                                           batch_size=self.batch_size)
+                                           batch_size=self.batch_size, token_ids_key=hp.token_ids_key)
             loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
             return loader.with_epoch(batches).with_length(batches, silent=True)
         if hp.drop_last and len(self._train_set) < self.batch_size * world:

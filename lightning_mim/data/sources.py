@@ -397,6 +397,54 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
     return image, label
 
 
+def check_token_ids(urls: list[str], key: str) -> None:
+    """Fail unless every local shard is recorded in a manifest of `lightning-mim tokenizer encode` that stored the
+    ids under `key` (a plain make-shards manifest holds no ids)."""
+    by_folder: dict[Path, set[str]] = {}
+    for url in urls:
+        if _is_local(url):
+            path = Path(_local_path(url))
+            by_folder.setdefault(path.parent, set()).add(path.name)
+    for folder, names in sorted(by_folder.items()):
+        recorded: set[str] = set()
+        for manifest_file in folder.glob("*manifest.json"):
+            manifest = json.loads(manifest_file.read_text())
+            if isinstance(manifest, dict) and manifest.get("token_ids_key") == key:
+                recorded |= set(manifest.get("shards", {}))
+        if not names <= recorded:
+            raise ValueError(f"token_ids_key {key!r}: {sorted(names - recorded)[0]} in {folder} holds no ids under "
+                             f"that key (no `lightning-mim tokenizer encode` manifest records it); write the shards "
+                             f"with `lightning-mim tokenizer encode ... IN_PATTERN OUT_PATTERN` and train on those")
+
+
+class DecodeWithIds:
+    """(image, label, ids) from a raw WebDataset sample: `decode_sample` plus the int64 id grid stored under `key`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Image.Image, int, torch.Tensor]:
+        image, label = decode_sample(sample)
+        if self.key not in sample:
+            raise ValueError(f"{sample.get('__url__')} sample {sample.get('__key__')!r}: no {self.key!r} token ids")
+        return image, label, torch.from_numpy(np.load(io.BytesIO(sample[self.key]))).long()
+
+
+class ApplyWithIds:
+    """Transform the image of an (image, label, ids) triple into views and put the ids in place of views[1]."""
+
+    def __init__(self, transform: Callable[[Image.Image], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: tuple[Image.Image, int, torch.Tensor]) -> tuple[Any, int]:
+        image, label, ids = sample
+        views = self.transform(image)
+        if not isinstance(views, (tuple, list)) or len(views) < 2:
+            raise ValueError("token_ids_key replaces views[1], the tokenizer view, but the method's train_transform "
+                             "returns no tuple of at least two views; drop --data.token_ids_key for this method")
+        return (views[0], ids, *views[2:]), label
+
+
 class ApplyToImage:
     """Apply a transform to the image of an (image, label) pair."""
 
@@ -409,19 +457,24 @@ class ApplyToImage:
 
 def webdataset_pipeline(urls: list[str], transform: Callable[[Image.Image], Any], counter: SkipCounter, *,
                         resampled: bool, node_splitter: NodeSplitter | None, shuffle_buffer: int = 0,
-                        batch_size: int | None = None, partial_batches: bool = False) -> wds.WebDataset:
+                        batch_size: int | None = None, partial_batches: bool = False,
+                        token_ids_key: str | None = None) -> wds.WebDataset:
     """Samples (transform(image), label) read from tar shards; unreadable shards and samples are skipped.
 
     resampled=True draws shards with replacement forever (training: the epoch length is set by the loader);
     otherwise each shard is read once in order. With batch_size, batches are formed in the workers (the last
-    incomplete one of each worker is kept only with partial_batches).
+    incomplete one of each worker is kept only with partial_batches). With token_ids_key, each sample's stored ids
+    replace views[1] (`ApplyWithIds`).
     """
     handler = SkipHandler(counter)
     dataset = wds.WebDataset(urls, handler=handler, resampled=resampled, shardshuffle=False,
                              nodesplitter=node_splitter, workersplitter=wds.split_by_worker, empty_check=False)
     if shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer)
-    dataset = dataset.map(decode_sample, handler=handler).map(ApplyToImage(transform))
+    if token_ids_key is None:
+        dataset = dataset.map(decode_sample, handler=handler).map(ApplyToImage(transform))
+    else:
+        dataset = dataset.map(DecodeWithIds(token_ids_key), handler=handler).map(ApplyWithIds(transform))
     if batch_size is not None:
         dataset = dataset.batched(batch_size, collation_fn=default_collate, partial=partial_batches)
     return dataset
