@@ -296,6 +296,19 @@ def test_vqkd_unknown_and_missing_keys_fail(tmp_path: Path) -> None:
         build_tokenizer({**VQKD_TINY, "path": str(tmp_path / "absent.pth")})
 
 
+def test_tokenizer_forward_reads_nothing_on_the_host(tmp_path: Path) -> None:
+    from test_host_sync import RecordHostReads
+    torch.save({"model": released_vqkd_state()}, tmp_path / "vqkd.pth")
+    tokenizers = [build_tokenizer({**VQKD_TINY, "path": str(tmp_path / "vqkd.pth")}),
+                  build_tokenizer({"kind": "kmeans", "path": str(pixel_codebook(tmp_path / "cb.safetensors"))})]
+    for tokenizer in tokenizers:
+        images = torch.rand(2, tokenizer.in_chans, tokenizer.input_size, tokenizer.input_size)
+        record = RecordHostReads()
+        with record:
+            tokenizer(images)
+        assert record.calls == []
+
+
 # ------------------------------------------------------------------------------- tokenizer fit / encode / data
 
 def test_fit_encode_and_datamodule_delivers_ids_as_views1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -144,7 +144,7 @@ def nearest_code(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     features (N, d), codebook (V, d) -> (N,) int64."""
     codebook = codebook.float()
     squared_norms = codebook.pow(2).sum(dim=1)
-    ids = [(squared_norms - 2.0 * chunk.float() @ codebook.T).argmin(dim=1)
+    ids = [torch.addmm(squared_norms, chunk.float(), codebook.T, alpha=-2.0).argmin(dim=1)
            for chunk in features.split(NEAREST_CHUNK)]
     return torch.cat(ids)
 
