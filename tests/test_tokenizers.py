@@ -109,13 +109,19 @@ def test_check_matches_and_bad_input(tmp_path: Path) -> None:
         build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "features": "timm"})
     with pytest.raises(ValueError, match="fitted at 16 px but tokenizer.input_size is 32"):
         build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "input_size": 32})
+    with pytest.raises(ValueError, match="fitted on 4-px patches but tokenizer.patch_size is 8"):
+        build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "patch_size": 8})
+    with pytest.raises(ValueError, match="has a vocabulary of 16 but tokenizer.vocab_size is 512"):
+        build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "vocab_size": 512})
 
 
 def test_missing_codebook_prints_the_fit_command(tmp_path: Path) -> None:
     missing = tmp_path / "codebooks" / "fm.safetensors"
     with pytest.raises(FileNotFoundError, match=f"Create it with: lightning-mim tokenizer fit {missing} "
-                                                f"--features pixels --input-size 32"):
-        build_tokenizer({"kind": "kmeans", "path": str(missing), "input_size": 32})
+                                                f"--features pixels --patch-size 4 --input-size 32 --vocab-size 512 "
+                                                f"--source fashion_mnist "):
+        build_tokenizer({"kind": "kmeans", "path": str(missing), "input_size": 32, "patch_size": 4,
+                         "vocab_size": 512})
 
 
 # ------------------------------------------------------------------------------- k-means: timm / open_clip features

@@ -21,9 +21,15 @@ def build_tokenizer(config: TokenizerConfig | dict[str, Any]) -> Tokenizer:
     config = TokenizerConfig.coerce(config)
     if config.kind == "vqkd":
         from lightning_mim.targets.vqkd import build_vqkd_tokenizer
-        return build_vqkd_tokenizer(config)
-    from lightning_mim.targets.kmeans import build_kmeans_tokenizer
-    return build_kmeans_tokenizer(config)
+        tokenizer: Tokenizer = build_vqkd_tokenizer(config)
+    else:
+        from lightning_mim.targets.kmeans import build_kmeans_tokenizer
+        tokenizer = build_kmeans_tokenizer(config)
+    if config.vocab_size is not None and config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"tokenizer {config.path} has a vocabulary of {tokenizer.vocab_size} but tokenizer.vocab_size "
+                         f"is {config.vocab_size}; use a tokenizer with V = {config.vocab_size} or set vocab_size to "
+                         f"{tokenizer.vocab_size}")
+    return tokenizer
 
 
 __all__ = ["MissingExtraError", "Tokenizer", "TokenizerConfig", "build_tokenizer", "centre_square_view",

@@ -54,6 +54,8 @@ class TokenizerConfig:
         codebook's recorded size, 448 for k-CLIP).
     compute_dtype: the extractor's autocast dtype: None / "float32" (exact, autocast off), "bfloat16", "float16" (the
         official k-CLIP casts RN50x64 to fp16). The nearest-code search always runs in float32.
+    vocab_size, patch_size: when set, the V and (k-means) patch size the tokenizer must have: checked when it is
+        built, and written into the `tokenizer fit` command printed when a codebook is missing.
     vqkd_*: the VQ-KD architecture; the defaults are `vqkd_encoder_base_decoder_3x768x12_clip` (ViT-B/16, 8192 x 32
         codebook). A checkpoint of another shape fails with a message naming the differing key.
     """
@@ -64,6 +66,8 @@ class TokenizerConfig:
     weights: str | None = None
     input_size: int | None = None
     compute_dtype: str | None = None
+    vocab_size: int | None = None
+    patch_size: int | None = None
     vqkd_embed_dim: int = 768
     vqkd_depth: int = 12
     vqkd_heads: int = 12

@@ -103,7 +103,7 @@ def fit_codebook(output: str | Path, features: str = "pixels", vocab_size: int =
                           max_points_per_centroid=max_points_per_centroid, verbose=progress)
     kmeans.train(np.ascontiguousarray(points))
     metadata = {"kind": "kmeans", "features": features, "weights": weights, "input_size": input_size,
-                "patch_size": patch_size if features == "pixels" else extractor.reduction, "in_chans": in_chans,
+                "patch_size": extractor.reduction, "in_chans": in_chans,
                 "vocab_size": vocab_size, "dim": extractor.dim, "grid": list(grid),
                 "mean": list(mean) if mean else None, "std": list(std) if std else None,
                 "source": {"source": source, "data_dir": data_dir, "train_shards": train_shards,

@@ -201,10 +201,12 @@ def save_codebook(centroids: torch.Tensor, path: str | Path, metadata: dict[str,
 
 
 def fit_command_hint(config: TokenizerConfig) -> str:
-    return (f"lightning-mim tokenizer fit {config.path} --features {config.features}"
-            + (f" --weights {config.weights}" if config.weights else "")
-            + (f" --input-size {config.input_size}" if config.input_size else "")
-            + " --source <fashion_mnist|imagefolder|webdataset> ...")
+    """The `tokenizer fit` command that writes the codebook `config` asks for (on Fashion-MNIST, the CLI default)."""
+    options = {"--features": config.features, "--weights": config.weights, "--patch-size": config.patch_size,
+               "--input-size": config.input_size, "--vocab-size": config.vocab_size}
+    return " ".join([f"lightning-mim tokenizer fit {config.path}",
+                     *(f"{name} {value}" for name, value in options.items() if value is not None),
+                     "--source fashion_mnist"])
 
 
 def load_codebook(path: str | Path, config: TokenizerConfig | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -212,8 +214,9 @@ def load_codebook(path: str | Path, config: TokenizerConfig | None = None) -> tu
     path = Path(path)
     if not path.is_file():
         hint = fit_command_hint(config) if config is not None else "lightning-mim tokenizer fit " + str(path)
-        raise FileNotFoundError(f"k-means codebook not found: {path}. Create it with: {hint} "
-                                f"(`lightning-mim tokenizer fit --help` lists the options)")
+        raise FileNotFoundError(f"k-means codebook not found: {path}. Create it with: {hint} (other data: --source "
+                                f"imagefolder --data-dir DIR or --source webdataset --train-shards PATTERN; "
+                                f"`lightning-mim tokenizer fit --help` lists the options)")
     with safe_open(str(path), framework="pt") as handle:
         raw = handle.metadata() or {}
     if raw.get("format") != CODEBOOK_FORMAT:
@@ -234,6 +237,9 @@ def build_kmeans_tokenizer(config: TokenizerConfig) -> KMeansTokenizer:
     if config.input_size is not None and config.input_size != meta["input_size"]:
         raise ValueError(f"{config.path} was fitted at {meta['input_size']} px but tokenizer.input_size is "
                          f"{config.input_size}; leave input_size unset or fit a codebook at that size")
-    extractor = build_extractor(meta["features"], config.weights or meta.get("weights"), meta.get("patch_size", 16),
+    if config.patch_size is not None and config.patch_size != meta["patch_size"]:
+        raise ValueError(f"{config.path} was fitted on {meta['patch_size']}-px patches but tokenizer.patch_size is "
+                         f"{config.patch_size}; fit a codebook with --patch-size {config.patch_size}")
+    extractor = build_extractor(meta["features"], config.weights or meta.get("weights"), meta["patch_size"],
                                 meta["in_chans"], meta.get("mean"), meta.get("std"))
     return KMeansTokenizer(extractor, centroids, meta["input_size"], config.compute_dtype)
