@@ -193,6 +193,15 @@ def test_missing_faiss_is_a_one_line_error_naming_the_extra(tmp_path: Path, monk
             "installed: pip install 'lightning_mim[tokenizers]'") in capsys.readouterr().err
 
 
+def test_fit_refuses_a_sample_larger_than_free_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_mim.targets import fit
+    monkeypatch.setattr(fit, "available_memory", lambda: 2 ** 20)  # 1 MiB free; 512 x 256 x 16-d float32 = 8 MiB
+    with pytest.raises(ValueError, match="needs 0.0 GiB of RAM but 0.0 GiB are free: lower --max-points"):
+        fit.fit_codebook(tmp_path / "cb.safetensors", "pixels", 512, patch_size=4, source="synthetic",
+                         num_workers=0)
+    assert not (tmp_path / "cb.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------------------- VQ-KD
 
 VQKD_TINY = dict(kind="vqkd", input_size=32, vqkd_embed_dim=64, vqkd_depth=1, vqkd_heads=2, vqkd_patch_size=8,

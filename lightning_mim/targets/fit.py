@@ -7,6 +7,7 @@ dropped as they stream past (a fixed fraction of every batch is kept, as the off
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,14 @@ def fit_datamodule(source: str, data_dir: str | None, train_shards: str | None, 
                          train_samples=max_images if webdataset else None, batch_size=batch_size,
                          num_workers=num_workers, persistent_workers=False, pin_memory=False, drop_last=False,
                          train_subset=None if webdataset else max_images, knn_bank_size=None, seed=seed)
+
+
+def available_memory() -> int | None:
+    """Bytes of physical memory free now (Linux), None where unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def sample_plan(total: int, max_points: int) -> tuple[int, float]:
@@ -72,6 +81,11 @@ def fit_codebook(output: str | Path, features: str = "pixels", vocab_size: int =
         raise ValueError(f"{kept} patch features cannot fit {vocab_size} centroids: use more images or a smaller "
                          f"vocabulary")
     gib = 2 ** 30
+    free = available_memory()
+    if free is not None and kept * extractor.dim * 4 > free:
+        raise ValueError(f"keeping {kept} {extractor.dim}-d patch features needs {kept * extractor.dim * 4 / gib:.1f} "
+                         f"GiB of RAM but {free / gib:.1f} GiB are free: lower --max-points (faiss samples at most "
+                         f"V x --max-points-per-centroid points anyway)")
     print(f"tokenizer fit: {features} features, {extractor.dim}-d on a {grid[0]} x {grid[1]} grid at {input_size} px, "
           f"{images} images = {total} patches ({total * extractor.dim * 4 / gib:.2f} GiB as float32); keeping "
           f"{kept} ({fraction:.2%} of each batch, sub-sampled while streaming) = "
