@@ -366,3 +366,7 @@ def test_fit_encode_and_datamodule_delivers_ids_as_views1(tmp_path: Path, capsys
         plain.setup("fit")
     with pytest.raises(ValueError, match="token_ids_key reads ids stored in WebDataset shards"):
         MIMDataModule(source="fashion_mnist", token_ids_key="tokens.npy")
+    save_codebook(centroids.flip(0), codebook, meta)  # re-fitted at the same path: no resume into the old shards
+    with pytest.raises(SystemExit):
+        cli_main(["tokenizer", "encode", "--path", str(codebook), shards["pattern"], str(out)])
+    assert "records shards encoded with other settings (tokenizer_sha256)" in capsys.readouterr().err

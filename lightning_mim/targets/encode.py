@@ -10,6 +10,7 @@ on the fly.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -35,6 +36,17 @@ def ids_bytes(ids: torch.Tensor, vocab_size: int) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, ids.cpu().numpy().astype(np.int16 if vocab_size <= 2 ** 15 else np.int32))
     return buffer.getvalue()
+
+
+def file_sha256(path: str | None) -> str | None:
+    """The file's sha256 (a re-fitted codebook at the same path must not resume into older shards)."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def encode_shard(url: str, target: Path, tokenizer: Tokenizer, batch_size: int, device: torch.device) -> int:
@@ -72,7 +84,8 @@ def encode_shards(config: TokenizerConfig | dict[str, Any], input_pattern: str, 
     tokenizer.to(run_device)
     settings = {"source": input_pattern, "pattern": Path(output_pattern).name, "token_ids_key": TOKEN_IDS_KEY,
                 "tokenizer": json.loads(json.dumps(config.to_dict())), "vocab_size": tokenizer.vocab_size,
-                "grid": list(tokenizer.grid_size), "input_size": tokenizer.input_size, "view": "centre square",
+                "tokenizer_sha256": file_sha256(config.path), "grid": list(tokenizer.grid_size),
+                "input_size": tokenizer.input_size, "view": "centre square",
                 "input_bytes": [Path(url).stat().st_size for url in urls]}
     out_dir, manifest_file = Path(output_pattern).parent, manifest_path(output_pattern)
     out_dir.mkdir(parents=True, exist_ok=True)

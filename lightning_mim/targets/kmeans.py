@@ -13,6 +13,7 @@ was made (`CODEBOOK_FORMAT`).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,10 @@ def build_extractor(features: str, weights: str | None = None, patch_size: int =
     family, _, name = features.partition(":")
     if features == "pixels":
         return PatchPixels(patch_size, in_chans)
+    if weights is None and family in ("timm", "open_clip"):
+        warnings.warn(f"features {features!r} without a weights file: the extractor keeps its random initial weights "
+                      f"(an offline stand-in for tests); pass the pretrained weights with --weights / "
+                      f"tokenizer.weights", UserWarning, stacklevel=2)
     if family == "timm":
         return timm_extractor(name, weights, mean, std)
     if family == "open_clip" and name:
