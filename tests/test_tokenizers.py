@@ -370,3 +370,13 @@ def test_fit_encode_and_datamodule_delivers_ids_as_views1(tmp_path: Path, capsys
     with pytest.raises(SystemExit):
         cli_main(["tokenizer", "encode", "--path", str(codebook), shards["pattern"], str(out)])
     assert "records shards encoded with other settings (tokenizer_sha256)" in capsys.readouterr().err
+
+
+def test_tokenizer_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    from benchmarks.tokenizers import main as bench_main
+    bench_main(["--device", "cpu", "--kinds", "pixels", "--dtypes", "float32,bfloat16", "--batch", "8", "--steps",
+                "1", "--warmup", "0", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "tokenizers.json").read_text())
+    assert [(row["kind"], row["dtype"], row["grid"], row["vocab"]) for row in rows] == [
+        ("pixels", "float32", [8, 8], 512), ("pixels", "bfloat16", [8, 8], 512)]
+    assert "| pixels | float32 | 8 |" in (tmp_path / "tokenizers.md").read_text()
