@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import lightning_mim.methods as methods_module
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
 from lightning_mim.methods import MIMMethod
+from lightning_mim.targets.kmeans import save_codebook
 
 CPU_TARGET_RATIO = 0.5
 FLOP_COUNT_BATCH = 2  # >= 2: BatchNorm in train mode (LUT heads) needs two samples
@@ -125,6 +127,35 @@ def matmul_flops_per_s(rows: int, width: int, dtype: torch.dtype, device: torch.
         reps = max(2 * reps, math.ceil(1.2 * reps * min_seconds / max(elapsed, 1e-9)))
 
 
+# -------------------------------------------------------------------------------------------------------- attention
+_SDPA_KERNEL = re.compile(r"aten::_(scaled_dot_product_\w+|efficient_attention_forward|flash_attention_forward)$")
+
+
+def attention_profile(step: Callable[[], None], device: torch.device) -> tuple[float, str]:
+    """Share of one step's wall time spent in `scaled_dot_product_attention` (forward and backward, inclusive of the
+    kernels it calls) and the SDPA kernels that ran, from torch.profiler. A math fallback (an attention mask the
+    fused kernels refuse) shows as `scaled_dot_product_attention_math`; its backward runs as plain matmuls and
+    softmax, which this share leaves out."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as profile:
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        wall_us = 1e6 * (time.perf_counter() - start)
+    events = profile.key_averages()
+    inclusive = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    attention_us = sum(getattr(event, inclusive) for event in events
+                       if event.key == "aten::scaled_dot_product_attention"
+                       or ("ScaledDotProduct" in event.key and "Backward" in event.key
+                           and not event.key.startswith("autograd::engine")))
+    kernels = sorted({event.key.removeprefix("aten::_") for event in events
+                      if _SDPA_KERNEL.match(event.key) and "backward" not in event.key})
+    return attention_us / wall_us, ", ".join(kernels) or "none"
+
+
 # ----------------------------------------------------------------------------------------------------------- memory
 def _vm_hwm_mib() -> float | None:
     """Linux peak resident set size of this process (VmHWM), MiB."""
@@ -168,9 +199,27 @@ def method_kwargs(cls: type[MIMMethod], method_args: dict[str, Any]) -> dict[str
 
 
 def build_method(cls: type[MIMMethod], args: argparse.Namespace) -> MIMMethod:
-    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args."""
+    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args.
+    A token-predicting method without a `tokenizer` there tokenises in the step with a pixel k-means codebook of
+    8192 random centroids (`bench_codebook`): the nearest-code search of a real k-means tokenizer's last stage."""
+    kwargs = method_kwargs(cls, args.method_args)
+    if "tokenizer" in inspect.signature(cls).parameters and "tokenizer" not in kwargs:
+        kwargs["tokenizer"] = {"kind": "kmeans", "path": str(bench_codebook(args.img_size, args.patch_size))}
     return cls(backbone=dict(size=args.size, img_size=args.img_size, patch_size=args.patch_size,
-                             grad_checkpointing=args.grad_checkpointing), **method_kwargs(cls, args.method_args))
+                             grad_checkpointing=args.grad_checkpointing), **kwargs)
+
+
+def bench_codebook(img_size: int, patch_size: int, vocab_size: int = 8192, in_chans: int = 3) -> Path:
+    """A k-means codebook over normalised pixel patches with random centroids, written once per setting."""
+    dim = patch_size * patch_size * in_chans
+    path = Path(tempfile.gettempdir()) / "lightning_mim_bench" / f"pixels_p{patch_size}_{img_size}px_v{vocab_size}.st"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        centroids = torch.randn(vocab_size, dim, generator=torch.Generator().manual_seed(0))
+        save_codebook(centroids, path, {"kind": "kmeans", "features": "pixels", "weights": None, "dim": dim,
+                                        "patch_size": patch_size, "input_size": img_size, "in_chans": in_chans,
+                                        "vocab_size": vocab_size})
+    return path
 
 
 def example_views(method: MIMMethod, batch: int, device: torch.device) -> Any:
@@ -243,6 +292,7 @@ def bench_train_step(name: str, method: MIMMethod, args: argparse.Namespace, dev
     synchronize(device)
     elapsed = time.perf_counter() - start
     memory_mib, memory_kind = peak_memory(device, memory_reset)
+    attention_share, sdpa_kernels = attention_profile(step, device)
     # allocated plus the caching allocator's reserve: what has to fit on the card
     reserved_mib = torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
     del views
@@ -265,6 +315,8 @@ def bench_train_step(name: str, method: MIMMethod, args: argparse.Namespace, dev
         "peak_mem_mib": memory_mib,
         "peak_mem_kind": memory_kind,
         "first_step_s": first_step_s,
+        "attention_share": attention_share,
+        "sdpa_kernels": sdpa_kernels,
         "cpu_target_met": achieved / matmul_rate >= CPU_TARGET_RATIO,
     }
     if args.compile:
@@ -383,14 +435,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     memory_kind = report["methods"][0]["peak_mem_kind"]
     columns = ["method", "params (M)", "step (ms)", "img/s", "GFLOPs/img (fwd+bwd)", "achieved TFLOP/s",
                "matmul TFLOP/s", "MFU vs matmul", f"{memory_kind} (MiB)",
-               "compile (s)" if settings["compile"] else "first step (s)"]
+               "compile (s)" if settings["compile"] else "first step (s)", "attention share", "SDPA kernel"]
     if on_cpu:
         columns.append(f"CPU target (>= {CPU_TARGET_RATIO:.0%} of matmul)")
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in report["methods"]:
         cells = [row["method"], f"{row['params_m']:.1f}", f"{row['step_ms']:.1f}", _rate(row["img_per_s"]),
                  f"{row['gflops_per_img']:.2f}", f"{row['achieved_tflops']:.4f}", f"{row['matmul_tflops']:.4f}",
-                 f"{row['mfu_vs_matmul']:.1%}", f"{row['peak_mem_mib']:.0f}", f"{row['first_step_s']:.1f}"]
+                 f"{row['mfu_vs_matmul']:.1%}", f"{row['peak_mem_mib']:.0f}", f"{row['first_step_s']:.1f}",
+                 f"{row['attention_share']:.0%}", row["sdpa_kernels"]]
         if on_cpu:
             cells.append("met" if row["cpu_target_met"] else "not met")
         lines.append("| " + " | ".join(cells) + " |")

@@ -53,3 +53,26 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prediction = torch.nn.functional.normalize(prediction.float(), dim=-1)
     target = torch.nn.functional.normalize(target.detach().float(), dim=-1)
     return (2.0 - 2.0 * (prediction * target).sum(dim=-1)).mean()
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Cross-entropy of token logits (..., V) against integer ids (...), in float32: the plain mean over every
+    position, or with `weight` (...) (BEiT: 1 on masked patches) sum(w * ce) / sum(w), a mask of varying size per
+    sample without indexing (which would read the count on the host)."""
+    per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), targets.long().flatten(),
+                                                  reduction="none").view(targets.shape)
+    if weight is None:
+        return per_token.mean()
+    weight = weight.float()
+    return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-1 accuracy of token logits (..., V) against ids (...), over the positions where `weight` is 1."""
+    correct = (logits.argmax(dim=-1) == targets).float()
+    if weight is None:
+        return correct.mean()
+    weight = weight.float()
+    return (correct * weight).sum() / weight.sum().clamp_min(1.0)

@@ -192,3 +192,65 @@ def paired_disjoint_masking(batch_size: int, num_patches: int, mask_ratio: float
     keep_idx2 = first.shuffle_idx[:, num_keep:2 * num_keep]
     mask2 = torch.ones_like(first.mask).scatter_(1, keep_idx2, 0.0)
     return PairedMask(first.keep_idx, keep_idx2, first.mask, mask2, first.restore_idx, first.shuffle_idx)
+
+
+def permutation_ranks(batch_size: int, num_patches: int, num_prefix_tokens: int = 1,
+                      noise: torch.Tensor | None = None, device: torch.device | str | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """XLNet / MaPeT factorisation order as ranks, (B, prefix + L) int64: token t is the r(t)-th of the order.
+    Prefix tokens (cls) come first (ranks 0..prefix-1); the patches follow in the order of their `noise` (B, L)
+    (uniform noise: a uniform random permutation), drawn on `device` when not given."""
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    elif noise.shape != (batch_size, num_patches):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({batch_size}, {num_patches})")
+    patch_ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1) + num_prefix_tokens
+    prefix = torch.arange(num_prefix_tokens, device=noise.device).expand(batch_size, -1)
+    return torch.cat([prefix, patch_ranks], dim=1)
+
+
+class TwoStreamLayout(NamedTuple):
+    """MaPeT's split of a token sequence by ranks. `predicted_idx` (B, K): token indices (prefix included) with
+    rank >= num_context, in raster order; `content_mask` (B, N + K, N + K) and `query_mask` (B, K, N + K): bool,
+    True = may attend, over keys = the N real tokens then the K mask tokens of `predicted_idx`."""
+
+    predicted_idx: torch.Tensor
+    content_mask: torch.Tensor
+    query_mask: torch.Tensor
+
+    def joint_attention_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool over one joint sequence [N real tokens, K mask tokens, K query tokens], T = N + 2K:
+        content rows and query rows attend keys of the content stream only (query tokens are never keys), so one
+        fused attention call per block runs both streams with every weight shared."""
+        batch, num_queries = self.query_mask.shape[:2]
+        rows = torch.cat([self.content_mask, self.query_mask], dim=1)
+        never_keys = rows.new_zeros(batch, rows.shape[1], num_queries)
+        return torch.cat([rows, never_keys], dim=2)[:, None]
+
+
+def two_stream_layout(ranks: torch.Tensor, num_context: int) -> TwoStreamLayout:
+    """The attention rule of two-stream permuted prediction (MPNet / MaPeT), built on the device from ranks (B, N).
+
+    Every query slot q has a horizon e_q: it may attend a real token j iff r(j) <= e_q and the mask token of a
+    predicted token k iff r(k) > e_q. Content rows: a context token or an appended mask token has e = num_context - 1
+    (the whole context and every mask token), a predicted token e = r(i) (itself and what precedes it, and the mask
+    tokens of later ones); query rows: the query of predicted token k has e = r(k) - 1 (what strictly precedes it,
+    its own mask token and later ones)."""
+    batch, num_tokens = ranks.shape
+    if not 1 <= num_context < num_tokens:
+        raise ValueError(f"num_context must lie in [1, {num_tokens - 1}] for {num_tokens} tokens, got {num_context}")
+    position = torch.arange(num_tokens, device=ranks.device)
+    predicted = ranks >= num_context
+    raster_first = torch.where(predicted, position, position + num_tokens)  # predicted tokens first, in raster order
+    predicted_idx = torch.argsort(raster_first, dim=1)[:, :num_tokens - num_context]
+    predicted_ranks = torch.gather(ranks, 1, predicted_idx)
+    key_ranks = torch.cat([ranks, predicted_ranks], dim=1)[:, None, :]
+    is_mask_key = (torch.arange(key_ranks.shape[-1], device=ranks.device) >= num_tokens)[None, None, :]
+
+    def attends(horizon: torch.Tensor) -> torch.Tensor:
+        horizon = horizon[:, :, None]
+        return torch.where(is_mask_key, key_ranks > horizon, key_ranks <= horizon)
+
+    context_horizon = torch.full_like(predicted_ranks, num_context - 1)
+    content = attends(torch.cat([ranks.clamp_min(num_context - 1), context_horizon], dim=1))
+    return TwoStreamLayout(predicted_idx, content, attends(predicted_ranks - 1))

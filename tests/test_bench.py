@@ -1,13 +1,14 @@
 """The benchmark's FLOP counting matches hand counts, and a tiny run writes a complete report."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.bench import available_methods, count_flops, main, method_kwargs
+from benchmarks.bench import available_methods, build_method, count_flops, main, method_kwargs
 from lightning_mim.methods import MAE
 
 
@@ -161,7 +162,8 @@ def test_memory_estimate_is_linear_in_the_batch_and_smaller_with_checkpointing(t
     assert set(plain) == set(available_methods())
     for name, row in plain.items():
         cls = available_methods()[name]
-        method = cls(backbone=dict(size="micro", img_size=32, patch_size=4), **method_kwargs(cls, METHOD_ARGS))
+        method = build_method(cls, argparse.Namespace(size="micro", img_size=32, patch_size=4,
+                                                      grad_checkpointing=False, method_args=METHOD_ARGS))
         trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in method.parameters() if not p.requires_grad)
         buffer_bytes = sum(b.numel() * b.element_size() for b in method.buffers())

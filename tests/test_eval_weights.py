@@ -145,6 +145,24 @@ def test_mapet_layout_fuses_q_and_kv() -> None:
     assert "blocks.0.ls1.gamma" in plain_report.unexpected
 
 
+def test_released_mapet_finetuned_checkpoint_loads_whole() -> None:
+    """MaPeT's released `vit_standard_*` fine-tuned models: q / kv split, layer scale, avg pooling with fc_norm (no
+    final norm) and the 1000-class head, under the timm train script's `state_dict`."""
+    config = BackboneConfig(size="micro", img_size=16, patch_size=4, timm_kwargs={"init_values": 0.1})
+    source = timm_encoder(config, global_pool="avg", num_classes=1000)
+    for parameter in source.parameters():
+        torch.nn.init.normal_(parameter)
+    released = mapet_checkpoint({k: v for k, v in source.state_dict().items() if not k.startswith("norm.")})
+    for key in ("mask_positional_token", "decoder.weight", "decoder.bias"):
+        del released["state_dict"][key]
+    state, report = load_encoder_state(released, config, global_pool=True, num_classes=1000)
+    assert not report.missing and not report.unexpected and not report.dropped
+    model = timm_encoder(config, global_pool="avg", num_classes=1000)
+    load_into(model, state, report)
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model.eval()(images), source.eval()(images))
+
+
 def test_lut_lightning_checkpoint_takes_the_student_never_the_teacher() -> None:
     model = LUT(backbone=MICRO, decoder_dim=32, decoder_depth=1, decoder_heads=4, head_hidden_dim=64)
     with torch.no_grad():

@@ -45,6 +45,8 @@ class ReconstructionImages(L.Callback):
             return
         with ModeGuard(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
             outputs = pl_module.reconstruct(self.images.to(pl_module.device))
+        if outputs is None:  # nothing to show (a token method without its tokenizer)
+            return
         datamodule = trainer.datamodule
         shape = (1, -1, 1, 1)
         mean = torch.tensor(datamodule.mean_for(pl_module.in_chans), dtype=torch.float32).view(shape)

@@ -110,10 +110,11 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
 
 
-def _target_model(config: BackboneConfig, global_pool: bool) -> nn.Module:
+def _target_model(config: BackboneConfig, global_pool: bool, num_classes: int = 0) -> nn.Module:
     # Built on the meta device: only names and shapes are needed.
     with torch.device("meta"):
-        return VisionTransformer(**(config.timm_kwargs_full() | {"global_pool": "avg" if global_pool else ""}))
+        return VisionTransformer(**(config.timm_kwargs_full() | {"global_pool": "avg" if global_pool else "",
+                                                                 "num_classes": num_classes}))
 
 
 def _strip_prefixes(key: str) -> str:
@@ -202,15 +203,16 @@ def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 
 def load_encoder_state(path_or_state: str | Path | Mapping[str, Any], config: BackboneConfig, *,
-                       global_pool: bool = False) -> tuple[StateDict, LoadReport]:
+                       global_pool: bool = False, num_classes: int = 0) -> tuple[StateDict, LoadReport]:
     """The encoder weights of a checkpoint in timm `VisionTransformer` key names, and a report of every key.
 
     `config` is the target encoder. `global_pool=True` targets timm's `global_pool="avg"` model: the pretrained
-    final `norm.*` is dropped and the new `fc_norm.*` shows up as missing. Missing and unexpected keys are reported,
-    not raised (see `load_into`); a shape mismatch raises naming both shapes.
+    final `norm.*` is dropped and the new `fc_norm.*` shows up as missing. `num_classes > 0` targets a classifier
+    with its `head.*` (a released fine-tuned model, e.g. MaPeT's `vit_standard_*`). Missing and unexpected keys are
+    reported, not raised (see `load_into`); a shape mismatch raises naming both shapes.
     """
     raw = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else dict(path_or_state)
-    expected = _target_model(config, global_pool).state_dict()
+    expected = _target_model(config, global_pool, num_classes).state_dict()
     if _is_lightning(raw):
         report = LoadReport("lightning")
         state = _from_lightning(raw["state_dict"], report)

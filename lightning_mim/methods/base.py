@@ -33,7 +33,8 @@ class OptimConfig:
     nodes x gradient accumulation): `lr_scaling="linear"` gives base_lr * eff / lr_reference_batch (MAE, 256),
     `"sqrt"` gives base_lr * sqrt(eff / lr_reference_batch) (LUT: reference 16 in pre-training, i.e. sqrt(eff)/4).
     Warm-up is `warmup_steps` optimiser steps when given, else `warmup_epochs` epochs. After it, `schedule="cosine"`
-    decays to `min_lr` at the last step; `"multistep"` keeps the peak and multiplies it by `decay_rate` at each of
+    decays to `min_lr` at the last step, or `cooldown_epochs` before it and stays there (timm's cooldown, MaPeT);
+    `"multistep"` keeps the peak and multiplies it by `decay_rate` at each of
     `decay_epochs` (SimMIM: x 0.1 at epoch 700 of 800).
     """
 
@@ -44,6 +45,7 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None
+    cooldown_epochs: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -63,6 +65,8 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} must be a finite number >= 0, got {value}")
         if self.lr_reference_batch <= 0:
             raise ValueError(f"optim.lr_reference_batch must be positive, got {self.lr_reference_batch}")
+        if self.cooldown_epochs < 0:
+            raise ValueError(f"optim.cooldown_epochs must be >= 0, got {self.cooldown_epochs}")
         if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
             raise ValueError(f"warm-up must be >= 0, got warmup_epochs={self.warmup_epochs}, "
                              f"warmup_steps={self.warmup_steps}")
@@ -201,6 +205,8 @@ class MIMMethod(L.LightningModule, abc.ABC):
         self.peak_lr: float | None = None
         self.nonfinite = NonFiniteStepGuard(self.optim_config.max_consecutive_nonfinite)
         self.last_step_skipped: torch.Tensor | None = None
+        # values that are not loss terms (token accuracy), set by `compute_losses`, logged as train/<name>, val/<name>
+        self.metrics: dict[str, torch.Tensor] = {}
         self._eval_mode_warning_silenced: warnings.catch_warnings | None = None
 
     def eval_mode_modules(self) -> list[nn.Module]:
@@ -265,7 +271,8 @@ class MIMMethod(L.LightningModule, abc.ABC):
         """The method's unweighted loss terms for one training batch of views."""
 
     def validation_views(self, images: torch.Tensor) -> Any:
-        """Turn an eval batch (one normalised view) into what `compute_losses` takes."""
+        """Turn an eval batch (one normalised view) into what `compute_losses` takes; None when the method cannot
+        (a token method trained on precomputed ids without its tokenizer): then no validation loss is logged."""
         return images
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -285,6 +292,8 @@ class MIMMethod(L.LightningModule, abc.ABC):
             self.log("train/loss", total.detach().cpu(), prog_bar=True, batch_size=batch_size)
             for name, value in losses.items():
                 self.log(f"train/loss_{name}", value, batch_size=batch_size)
+            for name, value in self.metrics.items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
             datamodule = self.trainer.datamodule
             if datamodule is not None and hasattr(datamodule, "skipped_samples"):
@@ -333,10 +342,15 @@ class MIMMethod(L.LightningModule, abc.ABC):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, _ = batch
-        losses = self.compute_losses(self.validation_views(images))
+        views = self.validation_views(images)
+        if views is None:
+            return
+        losses = self.compute_losses(views)
         self.log("val/loss", self.weighted_total(losses), sync_dist=True, batch_size=images.shape[0])
         for name, value in losses.items():
             self.log(f"val/loss_{name}", value, sync_dist=True, batch_size=images.shape[0])
+        for name, value in self.metrics.items():
+            self.log(f"val/{name}", value, sync_dist=True, batch_size=images.shape[0])
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -380,7 +394,12 @@ class MIMMethod(L.LightningModule, abc.ABC):
         if config.schedule == "multistep":
             milestones = tuple(int(round(epoch * self.steps_per_epoch())) for epoch in config.decay_epochs)
             return lambda step: warmup_multistep(step, warmup, peak, milestones, config.decay_rate)
-        return lambda step: warmup_cosine(step, total, warmup, peak, config.min_lr)
+        decay_end = total - int(round(config.cooldown_epochs * self.steps_per_epoch()))
+        if config.cooldown_epochs and decay_end <= warmup:
+            raise ValueError(f"optim.cooldown_epochs {config.cooldown_epochs} leaves no cosine decay: the run has "
+                             f"{total} steps ({self.steps_per_epoch():g} per epoch) and {warmup} warm-up steps; "
+                             f"lower cooldown_epochs (0 for a run bounded by max_steps)")
+        return lambda step: warmup_cosine(step, decay_end, warmup, peak, config.min_lr)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """timm's rule: no decay for 1-D parameters and biases (and names in `no_weight_decay`); frozen skipped."""
