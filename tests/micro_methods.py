@@ -1,7 +1,7 @@
 """Every method at micro size (ViT 128 wide, 4 deep, patch 4) with small heads, for the tests that run all of them."""
 from typing import Any
 
-from lightning_mim.methods import LUT, MAE, MIMMethod, SimMIM, SymMIM
+from lightning_mim.methods import LUT, MAE, BeyondMasking, MIMMethod, SimMIM, SymMIM
 
 MAE_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
 MICRO_HEADS: dict[type, dict[str, Any]] = {
@@ -9,6 +9,7 @@ MICRO_HEADS: dict[type, dict[str, Any]] = {
     LUT: {**MAE_DECODER, "head_hidden_dim": 32},
     SimMIM: {"mask_patch_size": 8},
     SymMIM: {"mask_patch_size": 8, "head_hidden_dim": 32, "head_out_dim": 16},
+    BeyondMasking: MAE_DECODER,  # its default objective, zoom_in_masking (a)+(m): 20-px views for a 16-px encoder
 }
 METHODS = list(MICRO_HEADS)
 

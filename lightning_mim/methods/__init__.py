@@ -1,8 +1,9 @@
 """One LightningModule per method."""
 from lightning_mim.methods.base import MIMMethod, OptimConfig
+from lightning_mim.methods.beyond_masking import BeyondMasking
 from lightning_mim.methods.lut import LUT
 from lightning_mim.methods.mae import MAE
 from lightning_mim.methods.simmim import SimMIM
 from lightning_mim.methods.symmim import SymMIM
 
-__all__ = ["LUT", "MAE", "MIMMethod", "OptimConfig", "SimMIM", "SymMIM"]
+__all__ = ["LUT", "BeyondMasking", "MAE", "MIMMethod", "OptimConfig", "SimMIM", "SymMIM"]
