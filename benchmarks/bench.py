@@ -168,9 +168,11 @@ def method_kwargs(cls: type[MIMMethod], method_args: dict[str, Any]) -> dict[str
 
 
 def build_method(cls: type[MIMMethod], args: argparse.Namespace) -> MIMMethod:
-    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args."""
+    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args
+    (a "backbone" entry adds backbone options, e.g. Beyond Masking's decolorize needs {"in_chans": 1})."""
+    kwargs = method_kwargs(cls, args.method_args)
     return cls(backbone=dict(size=args.size, img_size=args.img_size, patch_size=args.patch_size,
-                             grad_checkpointing=args.grad_checkpointing), **method_kwargs(cls, args.method_args))
+                             grad_checkpointing=args.grad_checkpointing, **kwargs.pop("backbone", {})), **kwargs)
 
 
 def example_views(method: MIMMethod, batch: int, device: torch.device) -> Any:

@@ -6,16 +6,19 @@ import lightning as L
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 
 from lightning_mim import degradations as deg
 from lightning_mim.backbone import build_backbone, patchify, sincos_1d_interleaved, unpatchify
 from lightning_mim.data import MIMDataModule
+from lightning_mim.eval.weights import export_encoder
 from lightning_mim.losses import masked_mse, normalize_patches_per_channel
 from lightning_mim.masking import random_masking
 from lightning_mim.methods import BeyondMasking
 from lightning_mim.methods.base import warmup_cosine
 from lightning_mim.methods.beyond_masking import OBJECTIVES
-from test_host_sync import HostReadsPerStep
+from test_host_sync import CudaSyncIsAnError, HostReadsPerStep
 
 PAPER_BACKBONE = dict(class_token=False, pos_embed="sincos_1d", qkv_bias="qv", init="clipped_normal")
 MICRO_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -321,6 +324,22 @@ def test_each_objective_reads_nothing_on_the_host_between_logging_steps(objectiv
     assert {step: calls for step, calls in recorder.per_step.items() if step != 4} == {1: [], 2: [], 3: []}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_each_objective_has_no_cuda_synchronisation_outside_logging_steps(objective):
+    model = micro(objective, optim=dict(lr=1e-3, warmup_steps=2))
+    data = MIMDataModule(source="synthetic", synthetic_size=64, synthetic_image_size=16, batch_size=8,
+                         num_workers=1, persistent_workers=False, knn_bank_size=8, val_subset=8)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, max_steps=8,
+                        log_every_n_steps=4, callbacks=[CudaSyncIsAnError()])
+    try:
+        trainer.fit(model, datamodule=data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == 8
+
+
 def test_degradation_grid_rows():
     model = micro("zoom_out")
     rows = model.reconstruct(torch.randn(3, 3, 16, 16))
@@ -329,3 +348,21 @@ def test_degradation_grid_rows():
     assert model.reconstruction_tag == "val/degradation"
     grey = micro("decolorize").reconstruct(torch.randn(2, 3, 16, 16))
     assert grey["degraded"].shape == (2, 3, 16, 16)
+
+
+def test_export_loads_strict_into_timm_and_computes_the_same(tmp_path):
+    model = micro("zoom_in_masking")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.weighted_total(model.compute_losses(torch.randn(2, 3, 20, 20))).backward()
+        optimizer.step()
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(),
+                "hyper_parameters": dict(model.hparams) | {"_class_path": "lightning_mim.methods.BeyondMasking"}}, path)
+    output = export_encoder(path, tmp_path / "encoder.safetensors")
+    encoder = VisionTransformer(**model.backbone_config.timm_kwargs_full())
+    encoder.load_state_dict(load_file(str(output)), strict=True)
+    images = torch.randn(2, 3, 16, 16)
+    model.backbone.eval()
+    assert torch.equal(encoder.eval().forward_features(images), model.backbone.forward_full(images))

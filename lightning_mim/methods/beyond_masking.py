@@ -22,7 +22,7 @@ step on the device (lightning_mim/degradations.py); only the zoom views' sizes c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torchvision.transforms import v2
@@ -99,8 +99,10 @@ class BeyondMasking(MIMMethod):
         self.register_buffer("target_eps", 1e-6 / std.expand(channels).clone(), persistent=False)
         self.blur_groups, self.blur_kernel_size = blur_groups, blur_kernel_size
         if objective == "blur":
-            if channels % blur_groups:
-                raise ValueError(f"blur_groups {blur_groups} must divide the {channels} channels (1 or {channels})")
+            if channels % blur_groups or blur_kernel_size % 2 == 0:
+                raise ValueError(f"blur needs an odd blur_kernel_size (7: the image keeps its size) and blur_groups "
+                                 f"dividing the {channels} channels (1 or {channels}), got {blur_kernel_size}, "
+                                 f"{blur_groups}")
             bound = deg.blur_bias_bound(channels, blur_kernel_size, blur_groups)
             self.register_buffer("blur_bias", (torch.rand(channels) * 2.0 - 1.0) * bound)  # fixed for the run
         self.decoder = MAEDecoder(self.backbone.embed_dim, self.backbone.grid_size,
