@@ -286,7 +286,7 @@ def test_every_objective_trains(objective):
     views = model.validation_views(smooth_images(8, 16))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(15):
         total = model.weighted_total(model.compute_losses(views))
         optimizer.zero_grad()
         total.backward()
