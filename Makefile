@@ -62,8 +62,8 @@ reproduce-lut reproduce-symmim reproduce-all: install
 reproduce-mapet:
 	@echo "make $@: not implemented yet: the method lands with issue 18" >&2; exit 2
 
-reproduce-beyond-masking:
-	@echo "make $@: not implemented yet: the method lands with issue 19" >&2; exit 2
+reproduce-beyond-masking: install
+	$(BIN)/lightning-mim reproduce beyond_masking $(REPRODUCE_ARGS)
 
 compare: install
 	$(BIN)/lightning-mim compare $(REPRODUCE_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS))

@@ -199,14 +199,15 @@ def method_kwargs(cls: type[MIMMethod], method_args: dict[str, Any]) -> dict[str
 
 
 def build_method(cls: type[MIMMethod], args: argparse.Namespace) -> MIMMethod:
-    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args.
+    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args
+    (a "backbone" entry adds backbone options, e.g. Beyond Masking's decolorize needs {"in_chans": 1}).
     A token-predicting method without a `tokenizer` there tokenises in the step with a pixel k-means codebook of
     8192 random centroids (`bench_codebook`): the nearest-code search of a real k-means tokenizer's last stage."""
     kwargs = method_kwargs(cls, args.method_args)
     if "tokenizer" in inspect.signature(cls).parameters and "tokenizer" not in kwargs:
         kwargs["tokenizer"] = {"kind": "kmeans", "path": str(bench_codebook(args.img_size, args.patch_size))}
     return cls(backbone=dict(size=args.size, img_size=args.img_size, patch_size=args.patch_size,
-                             grad_checkpointing=args.grad_checkpointing), **kwargs)
+                             grad_checkpointing=args.grad_checkpointing, **kwargs.pop("backbone", {})), **kwargs)
 
 
 def bench_codebook(img_size: int, patch_size: int, vocab_size: int = 8192, in_chans: int = 3) -> Path:

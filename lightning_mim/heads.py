@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from lightning_mim.backbone.pos_embed import sincos_2d
-from lightning_mim.backbone.vit import init_mae_weights
+from lightning_mim.backbone.pos_embed import sincos_1d_interleaved, sincos_2d
+from lightning_mim.backbone.vit import fix_key_bias_at_zero, init_clipped_normal_weights, init_mae_weights
 
 
 class MAEDecoder(nn.Module):
@@ -17,16 +17,29 @@ class MAEDecoder(nn.Module):
 
     Input: encoder output (B, prefix + K, D_enc) with patch tokens in shuffled order, and `restore_idx` (B, L).
     Output: (B, L, out_dim) in raster order (prefix outputs dropped).
+
+    Options for other variants (MAE-pytorch / Beyond Masking: 4 x 384): `embed_bias=False` (no bias on the input
+    projection), `pos_embed="sincos_1d"` (the interleaved 1-D table, see `BackboneConfig`), `qkv_bias="qv"` (BEiT
+    attention, k bias fixed at 0) and `init="clipped_normal"` (Linear weights N(0, .02) truncated at +-.02, the mask
+    token too; the input projection keeps PyTorch's default init).
     """
 
     def __init__(self, encoder_dim: int, grid_size: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, num_prefix_tokens: int = 1) -> None:
+                 num_heads: int = 16, mlp_ratio: float = 4.0, num_prefix_tokens: int = 1, embed_bias: bool = True,
+                 pos_embed: str = "sincos", qkv_bias: str = "qkv", init: str = "mae") -> None:
         super().__init__()
+        for name, value, choices in (("pos_embed", pos_embed, ("sincos", "sincos_1d")),
+                                     ("qkv_bias", qkv_bias, ("qkv", "qv")), ("init", init, ("mae", "clipped_normal"))):
+            if value not in choices:
+                raise ValueError(f"MAEDecoder: unknown {name} {value!r}: choose one of {choices}")
         self.num_prefix_tokens = num_prefix_tokens
         self.num_patches = grid_size[0] * grid_size[1]
-        self.embed = nn.Linear(encoder_dim, dim)
+        self.embed = nn.Linear(encoder_dim, dim, bias=embed_bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        table = sincos_2d(dim, *grid_size, cls_token=False)
+        if pos_embed == "sincos":
+            table = sincos_2d(dim, *grid_size, cls_token=False)
+        else:
+            table = sincos_1d_interleaved(self.num_patches, dim)
         if num_prefix_tokens:
             table = torch.cat([torch.zeros(num_prefix_tokens, dim), table])
         self.register_buffer("pos_embed", table[None], persistent=False)
@@ -36,8 +49,15 @@ class MAEDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
-        init_mae_weights(self)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if init == "mae":
+            init_mae_weights(self)
+            nn.init.normal_(self.mask_token, std=0.02)
+        else:
+            init_clipped_normal_weights(self)
+            self.embed.reset_parameters()
+            nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        if qkv_bias == "qv":
+            fix_key_bias_at_zero(self)
 
     def forward(self, latent: torch.Tensor, restore_idx: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(latent)

@@ -12,6 +12,25 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
+def normalize_patches_per_channel(patches: torch.Tensor, channels: int,
+                                  eps: float | torch.Tensor = 1e-6) -> torch.Tensor:
+    """MAE-pytorch's target (Beyond Masking): each channel of each patch separately, (x - mean) / (std + eps), with
+    the unbiased std over the patch's p*p pixels; eps is added to the std, not the variance. patches (..., p*p*C) in
+    (row, col, channel) order. `eps` may be per channel (C,): MAE-pytorch normalises images in [0, 1], and on
+    data-normalised pixels x' = (x - m) / s that is exactly eps / s per channel (the shift cancels)."""
+    values = patches.float().unflatten(-1, (-1, channels))
+    mean = values.mean(dim=-2, keepdim=True)
+    std = values.var(dim=-2, keepdim=True).sqrt()
+    return ((values - mean) / (std + eps)).flatten(-2)
+
+
+def denormalize_patches_per_channel(normalized: torch.Tensor, patches: torch.Tensor, channels: int) -> torch.Tensor:
+    """Inverse of `normalize_patches_per_channel` (eps left out) with the statistics of `patches` (for display)."""
+    values = patches.float().unflatten(-1, (-1, channels))
+    mean, std = values.mean(dim=-2, keepdim=True), values.var(dim=-2, keepdim=True).sqrt()
+    return (normalized.float().unflatten(-1, (-1, channels)) * std + mean).flatten(-2)
+
+
 def denormalize_patches(normalized: torch.Tensor, patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Inverse of `normalize_patches` with the statistics of `patches` (to display norm_pix predictions)."""
     patches = patches.float()

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from lightning_mim.methods import BEiT, LUT, MAE, MaPeT, MIMMethod, SimMIM, SymMIM
+from lightning_mim.methods import BEiT, BeyondMasking, LUT, MAE, MaPeT, MIMMethod, SimMIM, SymMIM
 from lightning_mim.targets.kmeans import save_codebook
 
 MAE_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
@@ -14,6 +14,7 @@ MICRO_HEADS: dict[type, dict[str, Any]] = {
     LUT: {**MAE_DECODER, "head_hidden_dim": 32},
     SimMIM: {"mask_patch_size": 8},
     SymMIM: {"mask_patch_size": 8, "head_hidden_dim": 32, "head_out_dim": 16},
+    BeyondMasking: MAE_DECODER,  # its default objective, zoom_in_masking (a)+(m): 20-px views for a 16-px encoder
     BEiT: {"num_masked_patches": 6, "min_masked_per_block": 2},
     MaPeT: {},
 }

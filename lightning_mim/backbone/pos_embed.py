@@ -26,3 +26,17 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     if cls_token:
         table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
     return table.float()
+
+
+def sincos_1d_interleaved(num_positions: int, dim: int) -> torch.Tensor:
+    """The transformer's 1-D table (BEiT / MAE-pytorch `get_sinusoid_encoding_table`), shape (num_positions, dim):
+    entry (n, j) is sin(n / 10000^(2 floor(j/2) / dim)) for even j and cos(...) for odd j, i.e. sine and cosine
+    interleaved (not the [sin | cos] halves of `sincos_1d`). Computed in float64, returned in float32."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+    exponent = 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] / 10000 ** exponent[None, :]
+    table = torch.empty_like(angles)
+    table[:, 0::2] = angles[:, 0::2].sin()
+    table[:, 1::2] = angles[:, 1::2].cos()
+    return table.float()

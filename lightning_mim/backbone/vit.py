@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mim.backbone.pos_embed import sincos_2d
+from lightning_mim.backbone.pos_embed import sincos_1d_interleaved, sincos_2d
 
 # width, depth, heads; mlp_ratio 4 everywhere (timm / MAE sizes; "micro" is for tests and CPU demos)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -30,20 +30,27 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 class BackboneConfig:
     """Everything that defines the shared ViT encoder.
 
-    size: one of `VIT_SIZES`. pos_embed: "sincos" (fixed 2-D sin-cos, MAE) or "learned" (trainable, timm init).
-    init: "mae" (xavier-uniform on every Linear and the flattened patch projection, N(0, .02) tokens) or "timm".
+    size: one of `VIT_SIZES`. pos_embed: "sincos" (fixed 2-D sin-cos, MAE), "sincos_1d" (fixed 1-D table over the
+    raster index with sine / cosine interleaved, BEiT / MAE-pytorch / Beyond Masking; a cls token gets a zero row) or
+    "learned" (trainable, timm init).
+    init: "mae" (xavier-uniform on every Linear and the flattened patch projection, N(0, .02) tokens), "timm", or
+    "clipped_normal" (MAE-pytorch / Beyond Masking: Linear weights N(0, .02) truncated at +-0.02, i.e. at one std,
+    zero biases; the patch projection keeps PyTorch's default init).
+    qkv_bias: "qkv" (timm) or "qv" (BEiT: the key bias is fixed at zero; it stays in timm's fused `qkv.bias`, so
+    state-dict keys are timm's, and a gradient mask keeps its k third at zero through every optimiser step).
     """
 
     size: str = "base"
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
-    pos_embed: Literal["sincos", "learned"] = "sincos"
+    pos_embed: Literal["sincos", "sincos_1d", "learned"] = "sincos"
     class_token: bool = True
-    init: Literal["mae", "timm"] = "mae"
+    init: Literal["mae", "timm", "clipped_normal"] = "mae"
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    qkv_bias: Literal["qkv", "qv"] = "qkv"
 
     def __post_init__(self) -> None:
         if self.size not in VIT_SIZES:
@@ -54,10 +61,12 @@ class BackboneConfig:
                 f"pick an image size that is a multiple of {self.patch_size} (e.g. "
                 f"{max(self.patch_size, self.img_size // self.patch_size * self.patch_size)}) or another patch size"
             )
-        if self.pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"unknown pos_embed {self.pos_embed!r}: choose 'sincos' or 'learned'")
-        if self.init not in ("mae", "timm"):
-            raise ValueError(f"unknown init {self.init!r}: choose 'mae' or 'timm'")
+        if self.pos_embed not in ("sincos", "sincos_1d", "learned"):
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}: choose 'sincos', 'sincos_1d' or 'learned'")
+        if self.init not in ("mae", "timm", "clipped_normal"):
+            raise ValueError(f"unknown init {self.init!r}: choose 'mae', 'timm' or 'clipped_normal'")
+        if self.qkv_bias not in ("qkv", "qv"):
+            raise ValueError(f"unknown qkv_bias {self.qkv_bias!r}: choose 'qkv' (timm) or 'qv' (BEiT, k bias 0)")
 
     @classmethod
     def coerce(cls, value: "BackboneConfig | dict[str, Any]") -> "BackboneConfig":
@@ -103,8 +112,17 @@ class MIMViT(VisionTransformer):
             table = sincos_2d(self.embed_dim, grid_h, grid_w, cls_token=self.num_prefix_tokens > 0)
             self.pos_embed.data.copy_(table[None])
             self.pos_embed.requires_grad_(False)
+        elif config.pos_embed == "sincos_1d":
+            table = sincos_1d_interleaved(self.patch_embed.num_patches, self.embed_dim)
+            table = torch.cat([torch.zeros(self.num_prefix_tokens, self.embed_dim), table])
+            self.pos_embed.data.copy_(table[None])
+            self.pos_embed.requires_grad_(False)
         if config.init == "mae":
             init_mae_weights(self)
+        elif config.init == "clipped_normal":
+            init_clipped_normal_weights(self)
+        if config.qkv_bias == "qv":
+            fix_key_bias_at_zero(self)
         self.set_grad_checkpointing(config.grad_checkpointing)
 
     @property
@@ -267,6 +285,46 @@ def init_mae_weights(module: nn.Module) -> None:
         nn.init.normal_(cls_token, std=0.02)
 
 
+def init_clipped_normal_weights(module: nn.Module, std: float = 0.02) -> None:
+    """MAE-pytorch's init (Beyond Masking's trap 13): every Linear weight N(0, std) truncated at +-std (its own
+    `trunc_normal_` passes the bounds as absolute values; empirical std about 0.54 x std), zero biases, LayerNorm
+    (1, 0). Convolutions (the patch projection) keep their PyTorch default init."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.trunc_normal_(sub.weight, std=std, a=-std, b=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            if sub.weight is not None:
+                nn.init.ones_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
+class KeyBiasFreeLinear(nn.Linear):
+    """A fused qkv projection whose bias is used with its k third replaced by zeros (BEiT's q / v biases): that third
+    gets an exact zero gradient, so it stays where it is (zero) through every optimiser step (Adam would turn the
+    round-off of an unmasked gradient into steps the size of the lr), and the state dict keeps timm's keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None:
+            third = bias.shape[0] // 3
+            bias = torch.cat([bias[:third], torch.zeros_like(bias[third:2 * third]), bias[2 * third:]])
+        return nn.functional.linear(x, self.weight, bias)
+
+
+def fix_key_bias_at_zero(module: nn.Module) -> None:
+    """BEiT-style attention in every timm attention layer of `module`: the k third of the fused `qkv.bias` is set to
+    zero and is not used (`KeyBiasFreeLinear`); eval/weights.py fuses BEiT's separate (q, 0, v) biases the same way."""
+    for sub in module.modules():
+        qkv = getattr(sub, "qkv", None)
+        if type(qkv) is nn.Linear and qkv.bias is not None and qkv.out_features % 3 == 0:
+            with torch.no_grad():
+                qkv.bias[qkv.out_features // 3: 2 * qkv.out_features // 3].zero_()
+            qkv.__class__ = KeyBiasFreeLinear
+
+
 def build_backbone(config: BackboneConfig | dict[str, Any] | None = None, **overrides: Any) -> MIMViT:
     """Build the shared encoder from a config (dict or dataclass) with keyword overrides."""
     base = BackboneConfig.coerce(config or {}).to_dict()
@@ -274,5 +332,5 @@ def build_backbone(config: BackboneConfig | dict[str, Any] | None = None, **over
     return MIMViT(BackboneConfig(**base))
 
 
-__all__ = ["VIT_SIZES", "BackboneConfig", "MIMViT", "build_backbone", "init_mae_weights", "patchify", "unpatchify",
-           "timm_model_name"]
+__all__ = ["VIT_SIZES", "BackboneConfig", "MIMViT", "build_backbone", "KeyBiasFreeLinear", "fix_key_bias_at_zero",
+           "init_clipped_normal_weights", "init_mae_weights", "patchify", "unpatchify", "timm_model_name"]

@@ -16,7 +16,9 @@ ROWS = ("input", "masked", "reconstruction")
 class ReconstructionImages(L.Callback):
     """Writes a grid of `num_images` validation images (rows: input, masked, reconstruction from
     `pl_module.reconstruct`, un-normalised with the datamodule's mean/std and clamped to [0, 1]) to every
-    TensorBoard logger under `val/reconstruction` at `trainer.global_step`, on rank 0.
+    TensorBoard logger under `val/reconstruction` at `trainer.global_step`, on rank 0. A method may name other rows
+    and another tag with the attributes `reconstruction_rows` (keys of its `reconstruct` output, each (B, C, H, W) of
+    one size) and `reconstruction_tag` (Beyond Masking: input, degraded, target, reconstruction in `val/degradation`).
 
     The images are the first `num_images` of the first validation batch, cached once so every grid shows the same
     images. During `fit` it runs when (epoch + 1) is a multiple of `every_n_epochs`.
@@ -51,7 +53,9 @@ class ReconstructionImages(L.Callback):
         shape = (1, -1, 1, 1)
         mean = torch.tensor(datamodule.mean_for(pl_module.in_chans), dtype=torch.float32).view(shape)
         std = torch.tensor(datamodule.std_for(pl_module.in_chans), dtype=torch.float32).view(shape)
-        rows = [(outputs[key].detach().float().cpu() * std + mean).clamp(0.0, 1.0) for key in ROWS]
+        keys = getattr(pl_module, "reconstruction_rows", ROWS)
+        rows = [(outputs[key].detach().float().cpu() * std + mean).clamp(0.0, 1.0) for key in keys]
         grid = make_grid(torch.cat(rows), nrow=self.images.shape[0])
+        tag = getattr(pl_module, "reconstruction_tag", "val/reconstruction")
         for writer in writers:
-            writer.add_image("val/reconstruction", grid, global_step=trainer.global_step)
+            writer.add_image(tag, grid, global_step=trainer.global_step)
