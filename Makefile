@@ -56,11 +56,8 @@ REPRODUCE_ARGS = $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data '$(DATA)
 	$(if $(NODES),--nodes $(NODES)) $(if $(filter 1,$(SLURM)),--slurm) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
 	$(if $(ROWS),--rows $(ROWS)) $(if $(FIT_ARGS),--fit-args='$(FIT_ARGS)') $(if $(EVAL_ARGS),--eval-args='$(EVAL_ARGS)')
 
-reproduce-lut reproduce-symmim reproduce-all: install
+reproduce-lut reproduce-symmim reproduce-mapet reproduce-all: install
 	$(BIN)/lightning-mim reproduce $(@:reproduce-%=%) $(REPRODUCE_ARGS)
-
-reproduce-mapet:
-	@echo "make $@: not implemented yet: the method lands with issue 18" >&2; exit 2
 
 reproduce-beyond-masking: install
 	$(BIN)/lightning-mim reproduce beyond_masking $(REPRODUCE_ARGS)

@@ -211,14 +211,6 @@ def test_beyond_masking_dry_run_has_one_row_per_objective_at_batch_2048():
     assert paper_cell(demo[0], "finetune").startswith("ViT-B/16 (a)+(m) 83.2; ViT-B/16 (m) 82.9; ViT-B/16 (a) 82.7")
 
 
-def test_planned_papers_say_which_issue_brings_them():
-    for paper, issue in (("mapet", 18),):
-        result = make(f"reproduce-{paper}")
-        assert result.returncode != 0
-        assert result.stderr.strip().splitlines()[0] == (
-            f"make reproduce-{paper}: not implemented yet: the method lands with issue {issue}")
-
-
 def test_webdataset_data_and_bad_input(tmp_path):
     shards = tmp_path / "in1k-wds"
     shards.mkdir()
@@ -272,3 +264,28 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
     assert 0 <= float(mae["k-NN top-1"]) <= 100 and float(mae["pre-train wall-clock h"]) > 0
     with Image.open(plan.out / "compare.png") as plot:
         assert plot.format == "PNG" and plot.size == (840, 540)
+
+
+def test_mapet_dry_run_runs_every_row_at_batch_2048_and_fits_the_demo_codebook_first():
+    result = make("reproduce-mapet", DRY_RUN="1", PRESET="paper", DATA="/data/imagenet", GPUS="8", NODES="1")
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("    ") and "#" not in line]
+    torchrun = [words for words in lines if any(word.endswith("torchrun_pretrain.sh") for word in words)]
+    recipes = [Path(word).parent.name + "/" + Path(word).stem for words in torchrun for word in words
+               if "configs/mapet/" in word or "configs/beit/" in word]
+    assert recipes == [f"{method}/vit_{size}16_300ep_in1k_{tokenizer}" for tokenizer in ("vqkd", "kclip")
+                       for method, size in (("beit", "b"), ("mapet", "t"), ("mapet", "s"), ("mapet", "b"))]
+    for words in torchrun:
+        batch, accumulation, lr = fit_layout(words)
+        assert (8 * batch * accumulation, batch, lr) == (2048, 256, pytest.approx(1.5e-3))  # absolute lr, no scaling
+    demo = plan_paper(PAPERS["mapet"], Setup("demo"), Path("runs")).runs
+    assert [run.key for run in demo] == ["beit", "mapet"]
+    for run in demo:  # the shared codebook is fitted before the pre-training that reads it
+        fit, pretrain = run.stages[0], run.pretrain
+        assert fit.key == "tokenizer/fmnist_pixels_4_28_512"
+        assert fit.command[fit.command.index("tokenizer") + 1] == "fit"
+        codebook = fit.command[fit.command.index("fit") + 1]
+        assert pretrain.command[pretrain.command.index("--model.tokenizer.path") + 1] == codebook
+    assert demo[0].stages[0].fingerprint == demo[1].stages[0].fingerprint
+    assert paper_cell(demo[1], "finetune").split("; ") == [
+        f"ViT-{size}/16 {name} unknown" for name in ("VQ-KD", "k-CLIP") for size in "TSB"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_mim.eval.evaluate import PROTOCOLS
-from lightning_mim.reproduce.papers import COMPARE_ROWS, DEMO_RECIPES, PAPERS, Paper, Row
+from lightning_mim.reproduce.papers import COMPARE_ROWS, DEMO_CODEBOOKS, DEMO_RECIPES, PAPERS, Paper, Row
 from lightning_mim.reproduce.presets import (
     EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
     torchrun_command,
@@ -77,7 +77,7 @@ class PlannedRun:
 
     @property
     def pretrain(self) -> Stage:
-        return self.stages[0]
+        return next(stage for stage in self.stages if stage.key.endswith("/pretrain"))
 
     @property
     def checkpoint(self) -> Path:
@@ -197,6 +197,31 @@ def plan_run(setup: Setup, out: Path, key: str, method: str, recipe: str, backbo
     return PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages)
 
 
+def codebook_path(out: Path, method: str) -> Path:
+    return out / "codebooks" / ("fmnist_" + "_".join(DEMO_CODEBOOKS[method][1::2]) + ".safetensors")
+
+
+def codebook_fit_args(setup: Setup, out: Path, method: str) -> list[str]:
+    """A token method's demo pre-training reads the codebook its tokenizer-fit stage writes."""
+    return ["--model.tokenizer.path", shown(codebook_path(out, method))] if method in DEMO_CODEBOOKS else []
+
+
+def with_codebook(run: PlannedRun, setup: Setup, out: Path) -> PlannedRun:
+    """Put the `tokenizer fit` stage of a token method's demo codebook before its pre-training: one stage key per
+    codebook, so rows sharing it fit it once. The codebook's file name holds its settings, so a changed setting
+    changes the pre-training's arguments and re-runs it."""
+    if run.method not in DEMO_CODEBOOKS:
+        return run
+    path = codebook_path(out, run.method)
+    words = [str(shown(path)), *DEMO_CODEBOOKS[run.method], "--source", "fashion_mnist",
+             *(("--data-dir", setup.data) if setup.data else ()), *(("--max-images", "2000")
+                                                                   if setup.preset == "smoke" else ())]
+    fit = Stage(f"tokenizer/{path.stem}", cli_command("tokenizer", "fit", *words), fingerprint(words),
+                out / "codebooks" / f"{path.stem}.log")
+    run.stages.insert(0, fit)
+    return run
+
+
 def demo_backbone(setup: Setup, img_size: int | None = None) -> str:
     size = f", {img_size} px" if img_size else ""
     return f"ViT micro/4{size}, {'synthetic' if setup.preset == 'smoke' else 'Fashion-MNIST'}"
@@ -233,8 +258,10 @@ def plan_paper(paper: Paper, setup: Setup, out_root: Path, rows: Sequence[str] |
         runs = [plan_run(setup, out, row.key, row.method, row.recipe, row.backbone, (row,), row.effective_batch,
                          evaluations(setup, row.finetune_recipe)) for row in paper.rows]
     else:
-        runs = [plan_run(setup, out, method.lower(), method, DEMO_RECIPES[method], demo_backbone(setup),
-                         tuple(row for row in paper.rows if row.method == method), None, evaluations(setup, None))
+        runs = [with_codebook(plan_run(setup, out, method.lower(), method, DEMO_RECIPES[method], demo_backbone(setup),
+                                       tuple(row for row in paper.rows if row.method == method), None,
+                                       evaluations(setup, None), codebook_fit_args(setup, out, method)),
+                              setup, out)
                 for method in paper.methods]
     notes = [preset_note(setup), f"Paper columns: ImageNet-1k top-1 (%) as ../shared/methods/{paper.key}.md reports "
                                  f"it; unknown: the spec has no such number."]

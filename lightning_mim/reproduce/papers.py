@@ -16,7 +16,14 @@ DEMO_RECIPES: dict[str, str] = {
     "LUT": "configs/lut/vit_micro_p4_demo_fmnist.yaml",
     "SymMIM": "configs/symmim/vit_micro_p4_demo_fmnist.yaml",
     "BeyondMasking": "configs/beyond_masking/vit_micro_p4_demo_fmnist_zoom_in_masking.yaml",
+    "BEiT": "configs/beit/vit_micro_p4_demo_fmnist.yaml",
+    "MaPeT": "configs/mapet/vit_micro_p4_demo_fmnist.yaml",
 }
+# Demo recipes that predict the tokens of a k-means codebook: `tokenizer fit` arguments that write it (the same
+# codebook for BEiT and MaPeT, the fair setting); the driver fits it once, before their pre-training.
+DEMO_CODEBOOKS: dict[str, tuple[str, ...]] = {
+    method: ("--features", "pixels", "--patch-size", "4", "--input-size", "28", "--vocab-size", "512")
+    for method in ("BEiT", "MaPeT")}
 
 
 @dataclass(frozen=True)
@@ -106,9 +113,25 @@ BEYOND_MASKING = Paper("beyond_masking", "Beyond Masking: Demystifying Token-Bas
                         "assumed (the published HSV path cannot run)"),
 ))
 
-PAPERS: dict[str, Paper] = {paper.key: paper for paper in (LUT, SYMMIM, BEYOND_MASKING)}
-# Papers whose method has not landed yet: `make reproduce-<key>` names the issue that brings it.
-PLANNED: dict[str, int] = {"mapet": 18}
+
+def _mapet_row(method: str, size: str, tokenizer: str) -> Row:
+    letter = size[0]
+    recipe = (f"configs/mapet/vit_{letter}16_300ep_in1k_{tokenizer}.yaml" if method == "MaPeT" else
+              f"configs/beit/vit_b16_300ep_in1k_{tokenizer}.yaml")
+    name = {"vqkd": "VQ-KD", "kclip": "k-CLIP"}[tokenizer]
+    return Row(f"{method.lower()}_vit_{letter}16_{tokenizer}", method, f"ViT-{letter.upper()}/16 {name}", recipe, 2048,
+               f"configs/eval/finetune_mapet_vit_{letter}16_in1k.yaml",
+               "mapet.md sections 3-5: the paper's table could not be read, every number unknown",
+               note="BEiT-style baseline in MaPeT's fair setting (same tokenizer, data and schedule)"
+               if method == "BEiT" else "")
+
+
+MAPET = Paper("mapet", "Learning to Mask and Permute Visual Tokens for Vision Transformer Pre-Training (Baraldi et "
+                       "al., CVIU 2025)", tuple(
+    _mapet_row(method, size, tokenizer) for tokenizer in ("vqkd", "kclip")
+    for method, size in (("BEiT", "base"), ("MaPeT", "tiny"), ("MaPeT", "small"), ("MaPeT", "base"))))
+
+PAPERS: dict[str, Paper] = {paper.key: paper for paper in (LUT, SYMMIM, BEYOND_MASKING, MAPET)}
 
 # `make compare`: every method that exists, each with its ViT-B/16 paper recipe (PRESET=paper) or demo recipe.
 COMPARE_ROWS: tuple[Row, ...] = tuple(
