@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 
+from lightning_mim.augment import normalize, to_unit_float
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
     EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, count_samples,
@@ -19,6 +20,7 @@ from lightning_mim.data.sources import (
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
+AugmentOn = Literal["loader", "device"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULT_STATS = {
@@ -87,8 +89,16 @@ class MIMDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_resize_ratio: float = 0.875,
         shuffle_buffer: int = 1000,
+        augment_on: AugmentOn = "device",
     ) -> None:
         """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
+
+        `augment_on`: where the training views are augmented. "device": the loader workers only read, decode and
+        crop (the method's `loader_views`, uint8 tensors, a quarter of float32's bytes to collate and copy); scaling
+        to [0, 1], the method's photometric augmentation (`augment_views`, per-sample draws on the device) and
+        normalisation run batched on the training device (`on_after_batch_transfer`). "loader": the method's whole
+        per-image `train_transform` in the workers (the reference pipeline). A module without `loader_views` is
+        always augmented in the loader.
 
         `global_batch_size`, when given, replaces `batch_size`: each device then loads global_batch_size /
         (devices x nodes x accumulate_grad_batches) images a step, which must divide exactly.
@@ -102,6 +112,9 @@ class MIMDataModule(L.LightningDataModule):
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if not 0.0 < eval_resize_ratio <= 1.0:
             raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
+        if augment_on not in get_args(AugmentOn):
+            raise ValueError(f"unknown augment_on {augment_on!r}; choose 'device' (batched on the training device) "
+                             f"or 'loader' (per image in the loader workers)")
         self.save_hyperparameters()
         self._image_size: int | None = None
         self._in_chans: int | None = None
@@ -114,6 +127,8 @@ class MIMDataModule(L.LightningDataModule):
         self._train_urls: list[str] = []
         self._val_urls: list[str] = []
         self._train_samples: int | None = None
+        self._device_views: Any = None  # the module whose augment_views completes device-side views
+        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------ model binding
     @property
@@ -140,6 +155,7 @@ class MIMDataModule(L.LightningDataModule):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self._image_size, self._in_chans, self._train_transform = int(image_size), int(in_chans), train_transform
+        self._device_views = None
 
     def mean_for(self, in_chans: int) -> tuple[float, ...]:
         """Normalisation mean for a model with in_chans channels."""
@@ -226,7 +242,36 @@ class MIMDataModule(L.LightningDataModule):
         make_views = getattr(module, "train_transform", None)
         size, chans = getattr(module, "image_size", None), getattr(module, "in_chans", None)
         if callable(make_views) and isinstance(size, int) and isinstance(chans, int):
-            self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
+            if self.hparams.augment_on == "device" and callable(getattr(module, "loader_views", None)):
+                self.bind(size, chans, module.loader_views())
+                self._device_views = module
+            else:
+                self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
+                self._device_views = None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of device-side views (`augment_on="device"`): uint8 -> [0, 1] floats, the module's
+        `augment_views` (its draws come from the device's generator, saved in checkpoints), then normalisation.
+        Other batches pass unchanged."""
+        trainer = self.trainer
+        if self._device_views is None or trainer is None or not trainer.training:
+            return batch
+        views, labels = batch
+        many = isinstance(views, (tuple, list))
+        floats = [to_unit_float(view) for view in (views if many else [views])]
+        floats = self._device_views.augment_views(floats if many else floats[0])
+        mean, std = self._stats_on(floats[0].device if many else floats.device)
+        if many:
+            return [normalize(view, mean, std) for view in floats], labels
+        return normalize(floats, mean, std), labels
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation mean and std as tensors on `device`, copied there once."""
+        if device not in self._device_stats:
+            chans = self.in_chans
+            self._device_stats[device] = (torch.tensor(self.mean_for(chans)).to(device),
+                                          torch.tensor(self.std_for(chans)).to(device))
+        return self._device_stats[device]
 
     # ------------------------------------------------------------------------------------------- properties
     @property
