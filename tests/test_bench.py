@@ -92,13 +92,19 @@ def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str])
         assert row["achieved_tflops"] == pytest.approx(row["gflops_per_img"] * row["img_per_s"] / 1e3)
         assert row["mfu_vs_matmul"] == pytest.approx(row["achieved_tflops"] / row["matmul_tflops"])
         assert isinstance(row["cpu_target_met"], bool)
-    assert [(row["method"], row["source"]) for row in report["data"]] == [
-        (method, source) for method in [row["method"] for row in report["methods"]]
-        for source in ("imagefolder", "webdataset")]
+    assert [(row["method"], row["source"], row["augment_on"]) for row in report["data"]] == [
+        (method, source, place) for method in [row["method"] for row in report["methods"]]
+        for source in ("imagefolder", "webdataset") for place in ("loader", "device")]
+    step_rates = {row["method"]: row["img_per_s"] for row in report["methods"]}
     for row in report["data"]:
         assert row["images"] == 32
-        for column in ("seconds", "img_per_s", "img_per_s_per_worker", "data_vs_train"):
+        for column in ("seconds", "img_per_s", "img_per_s_per_worker", "img_per_cpu_s", "data_vs_train"):
             assert row[column] > 0, (row["method"], row["source"], column)
+        # workers (at least one) whose images per second together reach the step's
+        workers = row["workers_per_device"]
+        assert workers * row["img_per_s_per_worker"] >= step_rates[row["method"]]
+        assert workers == 1 or (workers - 1) * row["img_per_s_per_worker"] < step_rates[row["method"]]
+        assert (row["device_ms_per_batch"] is None) == (row["augment_on"] == "loader")
 
 
 def test_tiny_bench_times_shard_writing_at_one_and_two_workers(tiny_report: tuple[dict, str]) -> None:

@@ -15,8 +15,8 @@ from torchvision import transforms
 from lightning_mim.augment import normalize, to_unit_float
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
-    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, count_samples,
-    expand_shards, read_classes, seeded_subset, webdataset_pipeline,
+    EpochSampler, NodeSplitter, SkipCounter, SkippingImageFolder, SyntheticImages, ToMode, Transformed,
+    build_imagefolder, count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
@@ -122,6 +122,7 @@ class MIMDataModule(L.LightningDataModule):
         self._counter: SkipCounter | None = None
         self._num_classes: int | None = None
         self._train_set: Dataset | None = None
+        self._train_raw: Dataset | None = None
         self._val_set: Dataset | None = None
         self._knn_set: Dataset | None = None
         self._train_urls: list[str] = []
@@ -147,15 +148,19 @@ class MIMDataModule(L.LightningDataModule):
         native = self.native_format()
         return native[1] if native is not None else 3
 
-    def bind(self, image_size: int, in_chans: int,
-             train_transform: Callable[[Image.Image], Any] | None = None) -> None:
-        """Store what the data needs from the model: input size, channel count and the training views."""
+    def bind(self, image_size: int, in_chans: int, train_transform: Callable[[Image.Image], Any] | None = None,
+             augment_module: Any = None) -> None:
+        """Store what the data needs from the model: input size, channel count and the training views.
+
+        With `augment_module` (a method, its `loader_views()` as train_transform), the views are completed on the
+        device: files decode straight to uint8 tensors (`decode_to_tensor`), and training batches go through the
+        module's `augment_views` and the normalisation in `on_after_batch_transfer`."""
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self._image_size, self._in_chans, self._train_transform = int(image_size), int(in_chans), train_transform
-        self._device_views = None
+        self._device_views = augment_module
 
     def mean_for(self, in_chans: int) -> tuple[float, ...]:
         """Normalisation mean for a model with in_chans channels."""
@@ -215,6 +220,7 @@ class MIMDataModule(L.LightningDataModule):
             train_raw = SyntheticImages(hp.synthetic_size, *args, stream=_TRAIN)
             val_raw = SyntheticImages(max(hp.synthetic_size // 4, 1), *args, stream=_VAL)
             num_classes = hp.synthetic_classes
+        self._train_raw = train_raw
         self._train_set = seeded_subset(train_raw, hp.train_subset, hp.seed, _TRAIN)
         self._val_set = seeded_subset(val_raw, hp.val_subset, hp.seed, _VAL)
         self._knn_set = seeded_subset(train_raw, hp.knn_bank_size, hp.seed, _KNN)
@@ -243,11 +249,9 @@ class MIMDataModule(L.LightningDataModule):
         size, chans = getattr(module, "image_size", None), getattr(module, "in_chans", None)
         if callable(make_views) and isinstance(size, int) and isinstance(chans, int):
             if self.hparams.augment_on == "device" and callable(getattr(module, "loader_views", None)):
-                self.bind(size, chans, module.loader_views())
-                self._device_views = module
+                self.bind(size, chans, module.loader_views(), augment_module=module)
             else:
                 self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
-                self._device_views = None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Training batches of device-side views (`augment_on="device"`): uint8 -> [0, 1] floats, the module's
@@ -341,7 +345,7 @@ class MIMDataModule(L.LightningDataModule):
             # with_epoch cuts exactly `batches` batches on every rank.
             pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
                                            node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
-                                           batch_size=self.batch_size)
+                                           batch_size=self.batch_size, tensor_mode=self._tensor_mode)
             loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
             return loader.with_epoch(batches).with_length(batches, silent=True)
         if hp.drop_last and len(self._train_set) < self.batch_size * world:
@@ -350,7 +354,12 @@ class MIMDataModule(L.LightningDataModule):
         # StatefulDataLoader: Lightning saves its position in every checkpoint and resumes mid-epoch at the next
         # unseen batch; the sampler's order and the per-sample augmentation seeds depend only on data.seed.
         sampler = EpochSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        return StatefulDataLoader(Transformed(self._train_set, transform, hp.seed), batch_size=self.batch_size,
+        train_set = self._train_set
+        if self._tensor_mode is not None and isinstance(self._train_raw, SkippingImageFolder):
+            # the same subset of the same files, decoded to tensors
+            train_set = seeded_subset(self._train_raw.decoding_to_tensors(self._tensor_mode), hp.train_subset,
+                                      hp.seed, _TRAIN)
+        return StatefulDataLoader(Transformed(train_set, transform, hp.seed), batch_size=self.batch_size,
                                   sampler=sampler, drop_last=hp.drop_last, **self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
@@ -403,6 +412,11 @@ class MIMDataModule(L.LightningDataModule):
     @property
     def _mode(self) -> str:
         return "L" if self.in_chans == 1 else "RGB"
+
+    @property
+    def _tensor_mode(self) -> str | None:
+        """The mode files decode to as tensors for the training views (device-side views), else None (PIL)."""
+        return self._mode if self._device_views is not None else None
 
     def native_format(self) -> tuple[int, int] | None:
         """(image size, channels) that every image of the source has: 28 x 28 grey for Fashion-MNIST,
