@@ -342,9 +342,12 @@ def _cpu_seconds() -> float:
 
 
 class _TrainingTrainer:
-    """What `MIMDataModule.on_after_batch_transfer` reads of a trainer: a training batch."""
+    """What `MIMDataModule.on_before/after_batch_transfer` read of a trainer: a training batch, the device."""
 
     training = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.strategy = argparse.Namespace(root_device=device)
 
 
 def _loader_pass(datamodule: MIMDataModule) -> tuple[int, float, float, Any]:
@@ -359,16 +362,18 @@ def _loader_pass(datamodule: MIMDataModule) -> tuple[int, float, float, Any]:
 
 
 def _device_side_ms(datamodule: MIMDataModule, batch: Any, device: torch.device, repeats: int = 3) -> float:
-    """Median milliseconds of the device-side part of `augment_on="device"` for one batch on `device`: to [0, 1],
-    the method's `augment_views` and the normalisation (`MIMDataModule.on_after_batch_transfer`)."""
+    """Median milliseconds of the device-side part of the views for one batch on `device`: with decode_on "device",
+    decoding the JPEGs and cropping (`on_before_batch_transfer`); then to [0, 1], the method's `augment_views` and
+    the normalisation (`on_after_batch_transfer`). The copy of the loader's batch to the device is not included."""
+    datamodule.trainer = _TrainingTrainer(device)
     views, labels = batch
-    views = [view.to(device) for view in views] if isinstance(views, (tuple, list)) else views.to(device)
-    datamodule.trainer = _TrainingTrainer()
+    if datamodule.hparams.decode_on == "loader":
+        views = [view.to(device) for view in views] if isinstance(views, (tuple, list)) else views.to(device)
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        datamodule.on_after_batch_transfer((views, labels), 0)
+        datamodule.on_after_batch_transfer(datamodule.on_before_batch_transfer((views, labels), 0), 0)
         synchronize(device)
         times.append(time.perf_counter() - start)
     datamodule.trainer = None
@@ -380,10 +385,12 @@ def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], 
     """Throughput of the MIMDataModule train loader with the method's views, worker start-up included: the median
     of `--data-repeats` passes. `augment_on="loader"`: the whole per-image `train_transform` in the workers (the
     reference pipeline); `"device"`: the workers decode to tensors and crop (`loader_views`), and the rest of the
-    views (`augment_views`, normalisation) is timed on `device` for one batch (`device_ms_per_batch`)."""
+    views (`augment_views`, normalisation) is timed on `device` for one batch (`device_ms_per_batch`);
+    `"device_decode"`: the workers read the files only, and decoding and cropping are timed on `device` too."""
     batch = min(args.batch, args.data_images)
     common = dict(batch_size=batch, num_workers=args.workers, pin_memory=False, persistent_workers=False,
-                  knn_bank_size=None, augment_on=augment_on)
+                  knn_bank_size=None, augment_on="loader" if augment_on == "loader" else "device",
+                  decode_on="device" if augment_on == "device_decode" else "loader")
     if source == "imagefolder":
         datamodule = MIMDataModule(source="imagefolder", data_dir=data["image_folder"],
                                    train_subset=args.data_images, **common)
@@ -391,7 +398,7 @@ def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], 
         datamodule = MIMDataModule(source="webdataset", train_shards=data["shards"], train_samples=args.data_images,
                                    shuffle_buffer=min(1000, args.data_images), **common)
     chans = method.in_chans
-    if augment_on == "device":
+    if augment_on != "loader":
         datamodule.bind(method.image_size, chans, method.loader_views(), augment_module=method)
     else:
         datamodule.bind(method.image_size, chans, method.train_transform(datamodule.mean_for(chans),
@@ -404,7 +411,7 @@ def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], 
            "seconds": elapsed, "img_per_s": images_per_s, "img_per_s_per_worker": images_per_s / max(1, args.workers),
            "cpu_seconds": cpu_seconds, "img_per_cpu_s": seen / cpu_seconds,
            "passes_img_per_s": [item[0] / item[1] for item in passes], "device_ms_per_batch": None}
-    if augment_on == "device":
+    if augment_on != "loader":
         row["device_ms_per_batch"] = _device_side_ms(datamodule, last_batch, device or torch.device("cpu"))
     return row
 
@@ -454,7 +461,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                       f"{settings['workers']} worker(s), {origin}; worker start-up included; median of "
                       f"{settings['data_repeats']} pass(es). augment_on loader: the whole view per image in the "
                       f"workers (PIL decode, the reference); device: the workers decode to tensors and crop, and the "
-                      f"rest runs batched on the {header['device_type']} (its time per batch in the last column).",
+                      f"rest runs batched on the {header['device_type']} (its time per batch in the last column); "
+                      f"device_decode: the workers read the files, and the {header['device_type']} also decodes "
+                      f"the JPEGs and crops.",
                   "",
                   "| method | source | augment on | images | seconds | img/s | img/s per worker | img/s per core | "
                   "data / train-step img/s | workers per device at the step rate | device part (ms / batch) |",
@@ -517,9 +526,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", default=None, help="existing WebDataset train shards (brace pattern)")
     parser.add_argument("--workers", type=int, default=1, help="data loader workers (0: in the main process)")
     parser.add_argument("--augment-on", type=_augment_places, default="loader,device",
-                        help="where the views are augmented, each timed in turn per method and source: 'loader' "
-                             "(per image in the workers, the reference) and/or 'device' (workers decode and crop, "
-                             "the rest batched on --device)")
+                        help="where the views are made, each timed in turn per method and source: 'loader' "
+                             "(per image in the workers, the reference), 'device' (workers decode and crop, the rest "
+                             "batched on --device), 'device_decode' (workers read files, --device decodes the JPEGs, "
+                             "crops and augments)")
     parser.add_argument("--data-repeats", type=int, default=1,
                         help="passes over the loader per row; the row reports the median pass")
     parser.add_argument("--shard-workers", type=_worker_counts, default="1,2",
@@ -543,8 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _augment_places(text: str) -> list[str]:
     places = [word.strip() for word in text.split(",") if word.strip()]
-    if not places or not set(places) <= {"loader", "device"}:
-        raise argparse.ArgumentTypeError(f"--augment-on takes loader, device or both (comma-separated), got {text!r}")
+    if not places or not set(places) <= {"loader", "device", "device_decode"}:
+        raise argparse.ArgumentTypeError(f"--augment-on takes loader, device and/or device_decode (comma-separated), "
+                                         f"got {text!r}")
     return places
 
 

@@ -13,9 +13,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 
 from lightning_mim.augment import normalize, to_unit_float
+from lightning_mim.data.device_decode import DeferViews, EncodedReader, collate_encoded, decode_views
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
-    EpochSampler, NodeSplitter, SkipCounter, SkippingImageFolder, SyntheticImages, ToMode, Transformed,
+    EpochSampler, NodeSplitter, SkipCounter, SkippingImageFolder, SyntheticImages, TensorDecoder, ToMode, Transformed,
     build_imagefolder, count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
 )
 
@@ -90,6 +91,7 @@ class MIMDataModule(L.LightningDataModule):
         eval_resize_ratio: float = 0.875,
         shuffle_buffer: int = 1000,
         augment_on: AugmentOn = "device",
+        decode_on: AugmentOn = "loader",
     ) -> None:
         """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
 
@@ -99,6 +101,10 @@ class MIMDataModule(L.LightningDataModule):
         normalisation run batched on the training device (`on_after_batch_transfer`). "loader": the method's whole
         per-image `train_transform` in the workers (the reference pipeline). A module without `loader_views` is
         always augmented in the loader.
+
+        `decode_on`: "loader" decodes the training images in the workers; "device" (with augment_on "device", for
+        imagefolder and webdataset) has the workers read the files only and decodes the JPEGs of each batch in one
+        call on the training device (nvJPEG on a GPU) before the crops (`lightning_mim.data.device_decode`).
 
         `global_batch_size`, when given, replaces `batch_size`: each device then loads global_batch_size /
         (devices x nodes x accumulate_grad_batches) images a step, which must divide exactly.
@@ -115,6 +121,13 @@ class MIMDataModule(L.LightningDataModule):
         if augment_on not in get_args(AugmentOn):
             raise ValueError(f"unknown augment_on {augment_on!r}; choose 'device' (batched on the training device) "
                              f"or 'loader' (per image in the loader workers)")
+        if decode_on not in get_args(AugmentOn):
+            raise ValueError(f"unknown decode_on {decode_on!r}; choose 'loader' (in the loader workers) or 'device' "
+                             f"(JPEGs decoded on the training device)")
+        if decode_on == "device" and (augment_on != "device" or source not in ("imagefolder", "webdataset")):
+            raise ValueError(f"decode_on 'device' decodes JPEG files before the device-side views: it needs "
+                             f"augment_on 'device' and source 'imagefolder' or 'webdataset' (got augment_on "
+                             f"{augment_on!r}, source {source!r}); set decode_on 'loader' otherwise")
         self.save_hyperparameters()
         self._image_size: int | None = None
         self._in_chans: int | None = None
@@ -253,6 +266,15 @@ class MIMDataModule(L.LightningDataModule):
             else:
                 self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of encoded images (decode_on "device"): decoded on the training device and cropped
+        there by the module's `loader_views`, each image with its own seed. Other batches pass unchanged."""
+        trainer = self.trainer
+        if not self._decodes_on_device or trainer is None or not trainer.training:
+            return batch
+        images, labels = batch
+        return decode_views(images, self._train_transform, self._mode, trainer.strategy.root_device), labels
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Training batches of device-side views (`augment_on="device"`): uint8 -> [0, 1] floats, the module's
         `augment_views` (its draws come from the device's generator, saved in checkpoints), then normalisation.
@@ -334,6 +356,9 @@ class MIMDataModule(L.LightningDataModule):
         hp = self.hparams
         transform = self.eval_transform() if self._train_transform is None else transforms.Compose(
             [ToMode(self._mode), self._train_transform])
+        collate = default_collate
+        if self._decodes_on_device:
+            transform, collate = DeferViews(), collate_encoded
         rank, world = self._rank_world()
         if hp.source == "webdataset":
             batches = self._train_samples // (self.batch_size * world)
@@ -345,7 +370,7 @@ class MIMDataModule(L.LightningDataModule):
             # with_epoch cuts exactly `batches` batches on every rank.
             pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
                                            node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
-                                           batch_size=self.batch_size, tensor_mode=self._tensor_mode)
+                                           batch_size=self.batch_size, decode=self._file_decoder, collate=collate)
             loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
             return loader.with_epoch(batches).with_length(batches, silent=True)
         if hp.drop_last and len(self._train_set) < self.batch_size * world:
@@ -355,12 +380,13 @@ class MIMDataModule(L.LightningDataModule):
         # unseen batch; the sampler's order and the per-sample augmentation seeds depend only on data.seed.
         sampler = EpochSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
         train_set = self._train_set
-        if self._tensor_mode is not None and isinstance(self._train_raw, SkippingImageFolder):
-            # the same subset of the same files, decoded to tensors
-            train_set = seeded_subset(self._train_raw.decoding_to_tensors(self._tensor_mode), hp.train_subset,
-                                      hp.seed, _TRAIN)
+        if self._file_decoder is not None and isinstance(self._train_raw, SkippingImageFolder):
+            # the same subset of the same files, read by the device-side views' decoder
+            train_set = seeded_subset(self._train_raw.reading_with(self._file_decoder), hp.train_subset, hp.seed,
+                                      _TRAIN)
         return StatefulDataLoader(Transformed(train_set, transform, hp.seed), batch_size=self.batch_size,
-                                  sampler=sampler, drop_last=hp.drop_last, **self._loader_kwargs())
+                                  sampler=sampler, drop_last=hp.drop_last, collate_fn=collate,
+                                  **self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
         """(image, label) batches of the validation split with the eval transform.
@@ -414,9 +440,16 @@ class MIMDataModule(L.LightningDataModule):
         return "L" if self.in_chans == 1 else "RGB"
 
     @property
-    def _tensor_mode(self) -> str | None:
-        """The mode files decode to as tensors for the training views (device-side views), else None (PIL)."""
-        return self._mode if self._device_views is not None else None
+    def _decodes_on_device(self) -> bool:
+        return self.hparams.decode_on == "device" and self._device_views is not None
+
+    @property
+    def _file_decoder(self) -> Callable[[bytes, str], Any] | None:
+        """How the training loader reads image files for device-side views: the JPEG bytes left to the device
+        (decode_on device), or decoded straight to tensors; None (PIL images) for the per-image reference views."""
+        if self._device_views is None:
+            return None
+        return EncodedReader(self._mode) if self._decodes_on_device else TensorDecoder(self._mode)
 
     def native_format(self) -> tuple[int, int] | None:
         """(image size, channels) that every image of the source has: 28 x 28 grey for Fashion-MNIST,

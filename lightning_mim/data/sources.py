@@ -105,6 +105,16 @@ class ToMode:
 _JPEG_OR_PNG = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")
 
 
+class TensorDecoder:
+    """(encoded bytes, name) -> uint8 tensor in `mode` (`decode_to_tensor`); picklable, for the loader workers."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, data: bytes, name: str) -> torch.Tensor:
+        return decode_to_tensor(data, self.mode)
+
+
 def decode_to_tensor(data: bytes, mode: str) -> torch.Tensor:
     """Encoded image -> uint8 tensor (C, H, W) in mode 'RGB' or 'L'. JPEG and PNG go through torchvision's decoder
     (libjpeg-turbo / libpng straight into a tensor: no PIL image and no copy out of it, measured 15-20 % less time
@@ -227,12 +237,13 @@ class SkippingImageFolder(Dataset):
     def __init__(self, root: str | os.PathLike, counter: SkipCounter) -> None:
         self.folder = ImageFolder(str(root))
         self.counter = counter
-        self.tensor_mode: str | None = None
+        self.decode: Callable[[bytes, str], Any] | None = None
 
-    def decoding_to_tensors(self, mode: str) -> SkippingImageFolder:
-        """The same folder (no rescan) yielding uint8 tensors in `mode` from `decode_to_tensor` instead of PIL images."""
+    def reading_with(self, decode: Callable[[bytes, str], Any]) -> SkippingImageFolder:
+        """The same folder (no rescan) yielding decode(file bytes, path) instead of PIL RGB images (e.g.
+        `TensorDecoder`); decode raises one of LOAD_ERRORS for an unreadable file."""
         view = copy.copy(self)
-        view.tensor_mode = mode
+        view.decode = decode
         return view
 
     @property
@@ -248,8 +259,8 @@ class SkippingImageFolder(Dataset):
         for attempt in range(_MAX_ATTEMPTS):
             path, label = self.folder.samples[(index + attempt) % n]
             try:
-                if self.tensor_mode is not None:
-                    return decode_to_tensor(Path(path).read_bytes(), self.tensor_mode), label
+                if self.decode is not None:
+                    return self.decode(Path(path).read_bytes(), path), label
                 with Image.open(path) as image:
                     return image.convert("RGB"), label
             except LOAD_ERRORS as exc:
@@ -413,9 +424,9 @@ class SkipHandler:
         return True
 
 
-def decode_sample(sample: dict[str, Any], tensor_mode: str | None = None) -> tuple[Image.Image | torch.Tensor, int]:
-    """(image, label) from a raw WebDataset sample: a PIL RGB image, or with `tensor_mode` a uint8 tensor in that
-    mode (`decode_to_tensor`); errors name the shard and the sample key."""
+def decode_sample(sample: dict[str, Any], decode: Callable[[bytes, str], Any] | None = None) -> tuple[Any, int]:
+    """(image, label) from a raw WebDataset sample: a PIL RGB image, or decode(image bytes, name) (e.g.
+    `TensorDecoder`); errors name the shard and the sample key."""
     where = f"{sample.get('__url__')} sample {sample.get('__key__')!r}"
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
@@ -423,8 +434,8 @@ def decode_sample(sample: dict[str, Any], tensor_mode: str | None = None) -> tup
     if "cls" not in sample:
         raise ValueError(f"{where}: no 'cls' label")
     try:
-        if tensor_mode is not None:
-            image = decode_to_tensor(sample[key], tensor_mode)
+        if decode is not None:
+            image = decode(sample[key], where)
         else:
             with Image.open(io.BytesIO(sample[key])) as image:
                 image = image.convert("RGB")
@@ -435,13 +446,13 @@ def decode_sample(sample: dict[str, Any], tensor_mode: str | None = None) -> tup
 
 
 class DecodeSample:
-    """`decode_sample` with a fixed `tensor_mode` (picklable, for the loader workers)."""
+    """`decode_sample` with a fixed `decode` (picklable, for the loader workers)."""
 
-    def __init__(self, tensor_mode: str | None = None) -> None:
-        self.tensor_mode = tensor_mode
+    def __init__(self, decode: Callable[[bytes, str], Any] | None = None) -> None:
+        self.decode = decode
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[Image.Image | torch.Tensor, int]:
-        return decode_sample(sample, self.tensor_mode)
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        return decode_sample(sample, self.decode)
 
 
 class ApplyToImage:
@@ -457,20 +468,21 @@ class ApplyToImage:
 def webdataset_pipeline(urls: list[str], transform: Callable[[Image.Image], Any], counter: SkipCounter, *,
                         resampled: bool, node_splitter: NodeSplitter | None, shuffle_buffer: int = 0,
                         batch_size: int | None = None, partial_batches: bool = False,
-                        tensor_mode: str | None = None) -> wds.WebDataset:
+                        decode: Callable[[bytes, str], Any] | None = None,
+                        collate: Callable[[list[Any]], Any] = default_collate) -> wds.WebDataset:
     """Samples (transform(image), label) read from tar shards; unreadable shards and samples are skipped.
 
     resampled=True draws shards with replacement forever (training: the epoch length is set by the loader);
     otherwise each shard is read once in order. With batch_size, batches are formed in the workers (the last
-    incomplete one of each worker is kept only with partial_batches). With tensor_mode, images are decoded to
-    uint8 tensors in that mode (`decode_to_tensor`) instead of PIL images.
+    incomplete one of each worker is kept only with partial_batches, `collate` forms them). With decode, images
+    are decode(bytes, name) (e.g. `TensorDecoder`) instead of PIL images.
     """
     handler = SkipHandler(counter)
     dataset = wds.WebDataset(urls, handler=handler, resampled=resampled, shardshuffle=False,
                              nodesplitter=node_splitter, workersplitter=wds.split_by_worker, empty_check=False)
     if shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer)
-    dataset = dataset.map(DecodeSample(tensor_mode), handler=handler).map(ApplyToImage(transform))
+    dataset = dataset.map(DecodeSample(decode), handler=handler).map(ApplyToImage(transform))
     if batch_size is not None:
-        dataset = dataset.batched(batch_size, collation_fn=default_collate, partial=partial_batches)
+        dataset = dataset.batched(batch_size, collation_fn=collate, partial=partial_batches)
     return dataset

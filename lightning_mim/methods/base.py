@@ -183,7 +183,8 @@ def to_plain(value: Any) -> Any:
 
 class MIMMethod(L.LightningModule, abc.ABC):
     """Base LightningModule. A method implements `compute_losses(views) -> dict[str, Tensor]` (unweighted terms) and
-    may override `loader_views` / `augment_views` / `train_transform`, `reconstruct` and `validation_views`. Total loss = sum of loss_weights[k] * term."""
+    may override `loader_views` / `augment_views` / `train_transform`, `reconstruct` and `validation_views`.
+    Total loss = sum of loss_weights[k] * term."""
 
     default_loss_weights: dict[str, float] = {}
     norm_pix_target = False  # True where the method predicts per-patch normalised pixels (MAE's norm_pix_loss)
