@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import json
 import math
 import os
@@ -27,10 +28,12 @@ import timm
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import lightning_mim.methods as methods_module
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
+from lightning_mim.data.sources import decode_to_tensor
 from lightning_mim.methods import MIMMethod
 
 CPU_TARGET_RATIO = 0.5
@@ -380,6 +383,37 @@ def _device_side_ms(datamodule: MIMDataModule, batch: Any, device: torch.device,
     return 1000 * float(np.median(times))
 
 
+def _decode_pil(data: bytes, reduce: int = 1) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as image:
+        if reduce > 1:  # JPEG DCT scaling: decode at 1/reduce of the size (libjpeg picks 1/2, 1/4 or 1/8)
+            image.draft("RGB", (image.width // reduce, image.height // reduce))
+        return pil_to_tensor(image.convert("RGB"))
+
+
+DECODERS: dict[str, Callable[[bytes], torch.Tensor]] = {
+    "PIL, full size": _decode_pil,
+    "PIL, draft 1/2 (DCT scaling)": lambda data: _decode_pil(data, 2),
+    "PIL, draft 1/4 (DCT scaling)": lambda data: _decode_pil(data, 4),
+    "torchvision decode_image": lambda data: decode_to_tensor(data, "RGB"),
+}
+
+
+def bench_decode(image_folder: Path, limit: int) -> list[dict[str, Any]]:
+    """Milliseconds per image (median of 3 passes, main process, page-cached files) of each CPU decoder, from the
+    file bytes to a uint8 (3, H, W) tensor, on up to `limit` of the folder's training images."""
+    files = [path.read_bytes() for path in sorted((image_folder / "train").rglob("*"))[:limit] if path.is_file()]
+    rows = []
+    for name, decode in DECODERS.items():
+        passes = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for data in files:
+                decode(data)
+            passes.append(1000 * (time.perf_counter() - start) / len(files))
+        rows.append({"decoder": name, "images": len(files), "ms_per_image": float(np.median(passes))})
+    return rows
+
+
 def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], args: argparse.Namespace,
                augment_on: str = "loader", device: torch.device | None = None) -> dict[str, Any]:
     """Throughput of the MIMDataModule train loader with the method's views, worker start-up included: the median
@@ -474,6 +508,11 @@ def to_markdown(report: dict[str, Any]) -> str:
                          f"{row['seconds']:.2f} | {_rate(row['img_per_s'])} | {_rate(row['img_per_s_per_worker'])} | "
                          f"{_rate(row['img_per_cpu_s'])} | {row['data_vs_train']:.2f} | {row['workers_per_device']} | "
                          f"{device_ms} |")
+    if report.get("decode"):
+        lines += ["", "CPU decoders, file bytes to a uint8 tensor, one process (median of 3 passes):", "",
+                  "| decoder | images | ms / image |", "|---|---|---|"]
+        for row in report["decode"]:
+            lines.append(f"| {row['decoder']} | {row['images']} | {row['ms_per_image']:.3f} |")
     if report["shards"]:
         lines += ["", f"Shard writing (`make-shards`: read, decode check, tar writing) of the "
                       f"{settings['data_images']} generated JPEGs, max_count {report['shards'][0]['max_count']}, "
@@ -585,6 +624,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="mim_bench_"))
     try:
         data, shard_rows = prepare_data(args, sources, tmp) if sources else (None, [])
+        decode_rows = bench_decode(Path(data["image_folder"]), args.data_images) if data and data["image_folder"] \
+            else []
         for name in names:
             method = build_method(known[name], args)
             row = bench_train_step(name, method, args, device)
@@ -619,6 +660,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "methods": method_rows,
         "data": data_rows,
+        "decode": decode_rows,
         "shards": shard_rows,
     }
 

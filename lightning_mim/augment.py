@@ -168,17 +168,25 @@ def draw_color_jitter(batch: int, brightness: float = 0.0, contrast: float = 0.0
 def color_jitter(images: torch.Tensor, draw: JitterDraw, hue: bool = True) -> torch.Tensor:
     """Brightness, contrast, saturation and hue with per-sample factors, in each sample's own order.
 
-    At each of the four positions every op runs on the whole batch and each sample keeps the result of its own op
-    (a fixed-shape computation, no host reads). `hue=False` skips the hue op (a jitter configured with hue 0), the
-    costliest one, whose HSV round trip is not exactly the identity at shift 0."""
-    ops = [(BRIGHTNESS, adjust_brightness, draw.brightness), (CONTRAST, adjust_contrast, draw.contrast),
-           (SATURATION, adjust_saturation, draw.saturation)]
-    if hue and images.shape[1] == 3:
-        ops.append((HUE, adjust_hue, draw.hue))
+    Brightness, contrast and saturation are each a blend of the image with something else (black, its mean luma,
+    its luma), so each of the four positions runs one blend whose partner and factor every sample picks by its own
+    op, and the hue rotation where a sample's op is hue: a fixed-shape computation, no host reads. `hue=False` skips
+    the hue op (a jitter configured with hue 0), the costliest one, whose HSV round trip is not exactly the
+    identity at shift 0."""
+    colour = images.shape[1] == 3
+    factors = torch.stack((draw.brightness, draw.contrast, draw.saturation, draw.hue), dim=1).to(images.dtype)
     for position in range(4):
-        chosen = draw.order[:, position].view(-1, 1, 1, 1)
-        for index, op, factor in ops:
-            images = torch.where(chosen == index, op(images, factor), images)
+        op = draw.order[:, position]
+        factor = factors.gather(1, op.unsqueeze(1)).view(-1, 1, 1, 1)
+        op = op.view(-1, 1, 1, 1)
+        luma = grayscale(images, 1)
+        partner = torch.where(op == BRIGHTNESS, torch.zeros_like(luma),
+                              torch.where(op == CONTRAST, luma.mean(dim=(1, 2, 3), keepdim=True), luma))
+        blended = (factor * images + (1.0 - factor) * partner).clamp(0.0, 1.0)
+        unchanged = (op == HUE) if colour else (op == HUE) | (op == SATURATION)  # grey images have no saturation
+        images = torch.where(unchanged, images, blended)
+        if hue and colour:
+            images = torch.where(op == HUE, adjust_hue(images, draw.hue), images)
     return images
 
 

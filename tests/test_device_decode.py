@@ -113,3 +113,23 @@ def test_lut_trains_with_decoding_on_the_training_device(tmp_path):
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 3
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_decodes_like_the_cpu_decoder_and_lut_trains_on_the_gpu(tmp_path):
+    root = write_folder(tmp_path, count=16)
+    files = sorted((root / "train").rglob("*.jpg"))
+    images = [EncodedReader("RGB")(path.read_bytes(), str(path)) for path in files]
+    for image, pixels in zip(images, decode_batch(images, "RGB", torch.device("cuda"))):
+        cpu = decode_to_tensor(bytes(image.data.numpy()), "RGB")
+        assert pixels.device.type == "cuda" and pixels.shape == cpu.shape
+        # nvJPEG's IDCT and chroma upsampling may differ from libjpeg-turbo's by a level here and there
+        assert (pixels.cpu().int() - cpu.int()).abs().float().mean() < 1.0
+    model = micro_method(LUT, img_size=16, optim=dict(lr=1e-3, warmup_steps=1))
+    data = MIMDataModule(source="imagefolder", data_dir=str(root), batch_size=4, num_workers=1,
+                         persistent_workers=False, knn_bank_size=4, augment_on="device", decode_on="device")
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 3

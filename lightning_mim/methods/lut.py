@@ -7,6 +7,13 @@ once per view so BatchNorm statistics stay per view. An EMA teacher (encoder + p
 running statistics EMA'd from the student's) encodes both views unmasked and applies its projector only. L_BC pulls
 the student's prediction of view i to the teacher's embedding of view j != i with 2 - 2 cos. Loss = L_MIM + 0.25 L_BC.
 
+Where the views are made: with the data's `augment_on: device` (the recipes' choice) the loader workers only decode,
+resize and crop (`LUTCrops`, uint8) and view 2's photometric ops run batched on the training device
+(`augment_views`, per-sample draws from the device's generator, which checkpoints save); `augment_on: loader` runs
+the paper's per-image PIL pipeline (`LUTViews`) in the workers, the reference the batched ops are tested against
+(tests/test_augment.py: within one 8-bit level per op, hue and blur within PIL's 8-bit HSV and box-blur
+approximations). The batched jitter keeps torchvision's random order of its four ops, drawn per image.
+
 Where this follows the docs of naver-ai/lut rather than its released code:
 - the recipe values (docs/PRETRAIN.md), not the parser defaults: w_bc 0.25 (the released `--w_b` flag is dead
   because the engine reads `args.w_bc`), momentum 0.996 -> 1, BN in the heads, norm_pix_loss on;
