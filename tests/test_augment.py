@@ -12,7 +12,7 @@ from lightning_mim import augment as A
 from lightning_mim.data import MIMDataModule
 from lightning_mim.data.sources import sample_seed, seeded_generators
 from lightning_mim.methods import LUT, MAE, SimMIM
-from lightning_mim.methods.lut import JITTER, LUTViews, augment_view2, draw_colour
+from lightning_mim.methods.lut import JITTER, LUTViews, WindowPaddedCrop, augment_view2, draw_colour
 from micro_methods import micro_method
 
 LEVEL = 1 / 255
@@ -233,6 +233,17 @@ def test_device_path_equals_the_loader_path_exactly_for_crop_only_views(method):
         assert crop.dtype == torch.uint8 and crop.shape == (3, 16, 16)
         device = A.normalize(A.to_unit_float(crop[None]), torch.tensor(mean), torch.tensor(std))[0]
         assert torch.equal(device, seeded(model.train_transform(mean, std), image, seed))
+
+
+def test_window_padded_crop_equals_padding_the_whole_image_first():
+    image = torch.randint(0, 256, (3, 20, 27), dtype=torch.uint8)
+    fast, reference = WindowPaddedCrop(18, padding=4, padding_mode="reflect"), v2.RandomCrop(
+        18, padding=4, padding_mode="reflect")
+    for seed in range(40):  # windows at every edge and corner, and inside
+        torch.manual_seed(seed)
+        got = fast(image)
+        torch.manual_seed(seed)
+        assert torch.equal(got, reference(image))
 
 
 def test_lut_crops_are_the_reference_views_geometry():

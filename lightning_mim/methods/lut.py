@@ -106,6 +106,23 @@ class LUTViews:
         return self.view1(resized), self.view2(resized)
 
 
+class WindowPaddedCrop(v2.RandomCrop):
+    """RandomCrop(size, padding, padding_mode="reflect") that, on tensors, pads only the part of the crop window
+    that lies outside the image instead of the whole image first: the same draws and the same output, at a third
+    of the cost."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor) or not params["needs_pad"]:
+            return super().transform(inpt, params)
+        pad_left, pad_top = params["padding"][:2]
+        height, width = inpt.shape[-2:]
+        top, left = params["top"] - pad_top, params["left"] - pad_left
+        bottom, right = top + params["height"], left + params["width"]
+        window = inpt[..., max(top, 0):min(bottom, height), max(left, 0):min(right, width)]
+        padding = [max(-left, 0), max(-top, 0), max(right - width, 0), max(bottom - height, 0)]
+        return v2.functional.pad(window, padding, padding_mode="reflect") if any(padding) else window
+
+
 class LUTCrops:
     """PIL image -> (view 1, view 2) uint8 tensors: LUTViews' geometry only (`augment_on="device"`; view 2's colour
     augmentation then runs batched in `LUT.augment_views`). The same crops and flips as LUTViews for the same
@@ -115,7 +132,7 @@ class LUTCrops:
     def __init__(self, image_size: int) -> None:
         self.resize = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC,
                                                               antialias=True)])
-        self.crop = v2.Compose([v2.RandomCrop(image_size, padding=4, padding_mode="reflect"),
+        self.crop = v2.Compose([WindowPaddedCrop(image_size, padding=4, padding_mode="reflect"),
                                 v2.RandomHorizontalFlip()])
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
