@@ -21,7 +21,7 @@ from lightning_mim.data.sources import (
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
-AugmentOn = Literal["loader", "device"]
+Place = Literal["loader", "device"]  # where part of the training views is made
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULT_STATS = {
@@ -49,8 +49,9 @@ class MIMDataModule(L.LightningDataModule):
     """Images for masked-image-modeling pre-training and their k-NN monitoring.
 
     The method declares its views: `bind(image_size, in_chans, train_transform)` (called by `setup` from the
-    attached LightningModule's `image_size`, `in_chans` and `train_transform(mean, std)`). Every image is converted
-    to the model's channel mode ('L' or 'RGB') before any transform.
+    attached LightningModule's `image_size`, `in_chans` and `train_transform(mean, std)`, or with `augment_on`
+    "device" its `loader_views()` and `augment_views`). Every image is converted to the model's channel mode ('L' or
+    'RGB') before any transform.
 
     Loaders: `train_dataloader` yields (views, label) with the bound train transform (the eval transform when none
     is bound); `val_dataloader` and `knn_bank_dataloader` yield (image, label) with the eval transform, the latter
@@ -90,8 +91,8 @@ class MIMDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_resize_ratio: float = 0.875,
         shuffle_buffer: int = 1000,
-        augment_on: AugmentOn = "device",
-        decode_on: AugmentOn = "loader",
+        augment_on: Place = "device",
+        decode_on: Place = "loader",
     ) -> None:
         """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
 
@@ -118,10 +119,10 @@ class MIMDataModule(L.LightningDataModule):
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if not 0.0 < eval_resize_ratio <= 1.0:
             raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
-        if augment_on not in get_args(AugmentOn):
+        if augment_on not in get_args(Place):
             raise ValueError(f"unknown augment_on {augment_on!r}; choose 'device' (batched on the training device) "
                              f"or 'loader' (per image in the loader workers)")
-        if decode_on not in get_args(AugmentOn):
+        if decode_on not in get_args(Place):
             raise ValueError(f"unknown decode_on {decode_on!r}; choose 'loader' (in the loader workers) or 'device' "
                              f"(JPEGs decoded on the training device)")
         if decode_on == "device" and (augment_on != "device" or source not in ("imagefolder", "webdataset")):
@@ -141,7 +142,7 @@ class MIMDataModule(L.LightningDataModule):
         self._train_urls: list[str] = []
         self._val_urls: list[str] = []
         self._train_samples: int | None = None
-        self._device_views: Any = None  # the module whose augment_views completes device-side views
+        self._augment_module: Any = None  # the module whose augment_views completes the views on the device
         self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------ model binding
@@ -173,7 +174,7 @@ class MIMDataModule(L.LightningDataModule):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self._image_size, self._in_chans, self._train_transform = int(image_size), int(in_chans), train_transform
-        self._device_views = augment_module
+        self._augment_module = augment_module
 
     def mean_for(self, in_chans: int) -> tuple[float, ...]:
         """Normalisation mean for a model with in_chans channels."""
@@ -280,12 +281,12 @@ class MIMDataModule(L.LightningDataModule):
         `augment_views` (its draws come from the device's generator, saved in checkpoints), then normalisation.
         Other batches pass unchanged."""
         trainer = self.trainer
-        if self._device_views is None or trainer is None or not trainer.training:
+        if self._augment_module is None or trainer is None or not trainer.training:
             return batch
         views, labels = batch
         many = isinstance(views, (tuple, list))
         floats = [to_unit_float(view) for view in (views if many else [views])]
-        floats = self._device_views.augment_views(floats if many else floats[0])
+        floats = self._augment_module.augment_views(floats if many else floats[0])
         mean, std = self._stats_on(floats[0].device if many else floats.device)
         if many:
             return [normalize(view, mean, std) for view in floats], labels
@@ -441,13 +442,13 @@ class MIMDataModule(L.LightningDataModule):
 
     @property
     def _decodes_on_device(self) -> bool:
-        return self.hparams.decode_on == "device" and self._device_views is not None
+        return self.hparams.decode_on == "device" and self._augment_module is not None
 
     @property
     def _file_decoder(self) -> Callable[[bytes, str], Any] | None:
         """How the training loader reads image files for device-side views: the JPEG bytes left to the device
         (decode_on device), or decoded straight to tensors; None (PIL images) for the per-image reference views."""
-        if self._device_views is None:
+        if self._augment_module is None:
             return None
         return EncodedReader(self._mode) if self._decodes_on_device else TensorDecoder(self._mode)
 
