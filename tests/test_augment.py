@@ -284,6 +284,20 @@ def test_datamodule_augments_training_batches_on_the_device_only():
     assert data.on_after_batch_transfer(batch, 0) is batch
 
 
+def test_device_views_follow_true_half_precision():
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    model = micro_method(MAE, img_size=16)
+    data = MIMDataModule(source="synthetic", synthetic_size=8, synthetic_image_size=16, batch_size=4,
+                         num_workers=0, knn_bank_size=4, val_subset=4)
+    data.trainer = FakeTrainer(model, training=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert data.on_after_batch_transfer(batch, 0)[0].dtype == torch.float32
+    data.trainer.precision_plugin = HalfPrecision("bf16-true")
+    assert data.on_after_batch_transfer(batch, 0)[0].dtype == torch.bfloat16
+
+
 def test_augment_on_loader_binds_the_per_image_reference_and_bad_values_fail():
     model = micro_method(LUT, img_size=16)
     data = MIMDataModule(source="synthetic", synthetic_size=16, synthetic_image_size=16, batch_size=4,

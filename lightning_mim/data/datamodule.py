@@ -288,9 +288,11 @@ class MIMDataModule(L.LightningDataModule):
         floats = [to_unit_float(view) for view in (views if many else [views])]
         floats = self._augment_module.augment_views(floats if many else floats[0])
         mean, std = self._stats_on(floats[0].device if many else floats.device)
-        if many:
-            return [normalize(view, mean, std) for view in floats], labels
-        return normalize(floats, mean, std), labels
+        views = [normalize(view, mean, std) for view in floats] if many else normalize(floats, mean, std)
+        # what Lightning does to float inputs before the transfer (to bf16 / fp16 under "-true" precision), which
+        # the uint8 batch skipped
+        plugin = getattr(trainer, "precision_plugin", None)
+        return (plugin.convert_input(views) if plugin is not None else views), labels
 
     def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalisation mean and std as tensors on `device`, copied there once."""
