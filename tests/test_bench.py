@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import available_methods, count_flops, main, method_kwargs
+from benchmarks.bench import DECODERS, available_methods, count_flops, main, method_kwargs
 from lightning_mim.methods import MAE
 
 
@@ -105,6 +105,8 @@ def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str])
         assert workers * row["img_per_s_per_worker"] >= step_rates[row["method"]]
         assert workers == 1 or (workers - 1) * row["img_per_s_per_worker"] < step_rates[row["method"]]
         assert (row["device_ms_per_batch"] is None) == (row["augment_on"] == "loader")
+    assert [row["decoder"] for row in report["decode"]] == list(DECODERS)
+    assert all(row["images"] == 32 and row["ms_per_image"] > 0 for row in report["decode"])
 
 
 def test_tiny_bench_times_shard_writing_at_one_and_two_workers(tiny_report: tuple[dict, str]) -> None:
