@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.data.device_decode import EncodedImage, EncodedReader, _torch_seeded, decode_batch, decode_views
@@ -56,7 +57,17 @@ def test_workers_hand_over_jpeg_bytes_and_decoded_pngs(tmp_path):
     decoded = reader(png.read_bytes(), str(png))
     assert not decoded.encoded and torch.equal(decoded.data, decode_to_tensor(png.read_bytes(), "RGB"))
     pixels = decode_batch([encoded, decoded], "RGB", torch.device("cpu"))
-    assert torch.equal(pixels[0], decode_to_tensor(jpeg.read_bytes(), "RGB")) and pixels[1] is not None
+    assert torch.equal(pixels[0], decode_to_tensor(jpeg.read_bytes(), "RGB")) and pixels[1] is decoded.data
+    grey = decode_batch([EncodedReader("L")(jpeg.read_bytes(), str(jpeg))], "L", torch.device("cpu"))[0]
+    assert torch.equal(grey, decode_to_tensor(jpeg.read_bytes(), "L"))
+
+
+def test_tensor_decoding_gives_the_pixels_of_pil(tmp_path):
+    for path in sorted((write_folder(tmp_path) / "train").rglob("*.*")):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            for mode, reference in (("RGB", rgb), ("L", rgb.convert("L"))):
+                assert torch.equal(decode_to_tensor(path.read_bytes(), mode), pil_to_tensor(reference)), (path, mode)
 
 
 @pytest.mark.parametrize("method", [MAE, LUT], ids=lambda cls: cls.__name__)

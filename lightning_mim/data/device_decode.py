@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from lightning_mim.data.sources import decode_to_tensor
+from lightning_mim.data.sources import decode_to_tensor, pil_luma
 
 _JPEG = b"\xff\xd8"
 
@@ -78,18 +78,20 @@ def _torch_seeded(seed: int) -> Iterator[None]:
 def decode_batch(images: list[EncodedImage], mode: str, device: torch.device) -> list[torch.Tensor]:
     """Every image of the batch as a uint8 (C, H, W) tensor on `device`, the JPEGs in one `decode_jpeg` call."""
     jpegs = [index for index, image in enumerate(images) if image.encoded]
-    read_mode = ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY
+    rgb = ImageReadMode.RGB
     try:
-        decoded = decode_jpeg([images[index].data for index in jpegs], mode=read_mode, device=device) if jpegs else []
+        decoded = decode_jpeg([images[index].data for index in jpegs], mode=rgb, device=device) if jpegs else []
     except RuntimeError:
         decoded = []
         for index in jpegs:  # find the image that fails, to name it
             try:
-                decoded.append(decode_jpeg(images[index].data, mode=read_mode, device=device))
+                decoded.append(decode_jpeg(images[index].data, mode=rgb, device=device))
             except RuntimeError as exc:
                 raise ValueError(f"{images[index].name} does not decode ({exc}); with decode_on 'device' every JPEG "
                                  f"must decode: write shards with `lightning-mim make-shards` (it checks each image) "
                                  f"or set data.decode_on 'loader', which skips unreadable images") from exc
+    if mode == "L":  # PIL's luma of the RGB decode, as decode_to_tensor and the reference pipeline
+        decoded = [pil_luma(pixels) for pixels in decoded]
     by_index = dict(zip(jpegs, decoded))
     return [by_index[index] if image.encoded else image.data.to(device, non_blocking=True)
             for index, image in enumerate(images)]
