@@ -8,7 +8,13 @@ float-tensor kernels (`torchvision.transforms.v2.functional.adjust_*`, `rgb_to_g
 true Gaussian of standard deviation `sigma` (what PIL's `GaussianBlur(radius)` approximates with three box blurs).
 
 Colour jitter applies brightness, contrast, saturation and hue in a per-sample random order (`JitterDraw.order`), as
-torchvision's ColorJitter draws a fresh order for every image. Inputs are [0, 1] images, not ImageNet-normalised
+torchvision's ColorJitter draws a fresh order for every image. A method with ColorJitter(0.4, 0.4, 0.4) on its view
+(BEiT, MaPeT) overrides `MIMMethod.augment_views` with
+
+    draws = draws or draw_color_jitter(len(views), 0.4, 0.4, 0.4, device=views.device)
+    return color_jitter(views, draws, hue=False)
+
+and `train_transform` with the per-image reference (`loader_views` + v2.ColorJitter + ToDtype + Normalize). Inputs are [0, 1] images, not ImageNet-normalised
 ones: the data path normalises after augmenting (`MIMDataModule.on_after_batch_transfer`).
 """
 from __future__ import annotations
