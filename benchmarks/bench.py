@@ -360,8 +360,7 @@ def _loader_pass(datamodule: MIMDataModule) -> tuple[int, float, float, Any]:
     seen, batch = 0, None
     cpu_start, start = _cpu_seconds(), time.perf_counter()
     for batch in datamodule.train_dataloader():
-        views = batch[0]
-        seen += (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
+        seen += len(batch[1])  # the labels: the views may still be encoded images
     return seen, time.perf_counter() - start, _cpu_seconds() - cpu_start, batch
 
 
