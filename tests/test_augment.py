@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 from lightning_mim import augment as A
 from lightning_mim.data import MIMDataModule
+from lightning_mim.data.datamodule import has_device_views
 from lightning_mim.data.sources import sample_seed, seeded_generators
 from lightning_mim.methods import LUT, MAE, SimMIM
 from lightning_mim.methods.lut import JITTER, LUTViews, WindowPaddedCrop, augment_view2, draw_colour
@@ -296,6 +297,28 @@ def test_device_views_follow_true_half_precision():
     assert data.on_after_batch_transfer(batch, 0)[0].dtype == torch.float32
     data.trainer.precision_plugin = HalfPrecision("bf16-true")
     assert data.on_after_batch_transfer(batch, 0)[0].dtype == torch.bfloat16
+
+
+def test_a_method_that_overrides_only_train_transform_keeps_its_views_in_the_loader():
+    class OwnViews(MAE):
+        def train_transform(self, mean, std):
+            return v2.Compose([v2.PILToTensor(), v2.CenterCrop(16), v2.ToDtype(torch.float32, scale=True)])
+
+    class OwnCrop(SimMIM):  # loader_views of its own, train_transform composed from it by the base
+        pass
+
+    assert not has_device_views(OwnViews(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32,
+                                         decoder_depth=1, decoder_heads=2))
+    assert has_device_views(micro_method(LUT)) and has_device_views(micro_method(MAE))
+    assert has_device_views(OwnCrop(backbone=dict(size="micro", img_size=16, patch_size=4), mask_patch_size=8))
+    own = OwnViews(backbone=dict(size="micro", img_size=16, patch_size=4), decoder_dim=32, decoder_depth=1,
+                   decoder_heads=2)
+    data = MIMDataModule(source="synthetic", synthetic_size=8, synthetic_image_size=16, batch_size=4,
+                         num_workers=0, knn_bank_size=4, val_subset=4)
+    data.trainer = FakeTrainer(own, training=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch[0].dtype == torch.float32 and data.on_after_batch_transfer(batch, 0) is batch
 
 
 def test_augment_on_loader_binds_the_per_image_reference_and_bad_values_fail():

@@ -45,6 +45,17 @@ def _expand_stats(values: tuple[float, ...], in_chans: int, name: str) -> tuple[
     raise ValueError(f"{name} has {len(values)} values; cannot expand it to {in_chans} channels")
 
 
+def has_device_views(module: Any) -> bool:
+    """Whether the module's `loader_views` belongs to its `train_transform`: defined by the class that defines
+    train_transform or a subclass of it. A method that overrides only train_transform (written before the device
+    path) would otherwise get the views of a base class, so its views are made per image in the loader."""
+    if not callable(getattr(module, "loader_views", None)):
+        return False
+    owner = {name: next(cls for cls in type(module).__mro__ if name in vars(cls))
+             for name in ("train_transform", "loader_views")}
+    return issubclass(owner["loader_views"], owner["train_transform"])
+
+
 class MIMDataModule(L.LightningDataModule):
     """Images for masked-image-modeling pre-training and their k-NN monitoring.
 
@@ -100,8 +111,8 @@ class MIMDataModule(L.LightningDataModule):
         crop (the method's `loader_views`, uint8 tensors, a quarter of float32's bytes to collate and copy); scaling
         to [0, 1], the method's photometric augmentation (`augment_views`, per-sample draws on the device) and
         normalisation run batched on the training device (`on_after_batch_transfer`). "loader": the method's whole
-        per-image `train_transform` in the workers (the reference pipeline). A module without `loader_views` is
-        always augmented in the loader.
+        per-image `train_transform` in the workers (the reference pipeline). A module without its own
+        `loader_views` (`has_device_views`) is always augmented in the loader.
 
         `decode_on`: "loader" decodes the training images in the workers; "device" (with augment_on "device", for
         imagefolder and webdataset) has the workers read the files only and decodes the JPEGs of each batch in one
@@ -262,7 +273,7 @@ class MIMDataModule(L.LightningDataModule):
         make_views = getattr(module, "train_transform", None)
         size, chans = getattr(module, "image_size", None), getattr(module, "in_chans", None)
         if callable(make_views) and isinstance(size, int) and isinstance(chans, int):
-            if self.hparams.augment_on == "device" and callable(getattr(module, "loader_views", None)):
+            if self.hparams.augment_on == "device" and has_device_views(module):
                 self.bind(size, chans, module.loader_views(), augment_module=module)
             else:
                 self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))

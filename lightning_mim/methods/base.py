@@ -254,7 +254,8 @@ class MIMMethod(L.LightningModule, abc.ABC):
         """The per-file part of the training views, run in the loader workers when the data augments on the device
         (`MIMDataModule(augment_on="device")`): PIL image -> uint8 tensor view(s), the geometric crop included; the
         rest runs batched on the device (`augment_views`, then the data's normalisation). Here MAE's
-        RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
+        RandomResizedCrop(0.2-1, bicubic) + horizontal flip. A method that overrides `train_transform` but not
+        this keeps its views in the loader (`MIMDataModule` checks which class defines each)."""
         return v2.Compose([
             v2.PILToTensor(),
             v2.RandomResizedCrop(self.image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
