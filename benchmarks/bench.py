@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
+import itertools
 import json
 import math
 import os
@@ -28,10 +30,12 @@ import timm
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 import lightning_mim.methods as methods_module
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
+from lightning_mim.data.sources import decode_to_tensor
 from lightning_mim.methods import MIMMethod
 from lightning_mim.targets.kmeans import save_codebook
 
@@ -388,12 +392,94 @@ def prepare_data(args: argparse.Namespace, sources: list[str], tmp: Path
     return data, shard_rows
 
 
-def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], args: argparse.Namespace
-               ) -> dict[str, Any]:
-    """Decode + augment throughput of one pass over the MIMDataModule train loader, worker start-up included."""
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have ended (the loader's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class _TrainingTrainer:
+    """What `MIMDataModule.on_before/after_batch_transfer` read of a trainer: a training batch, the device."""
+
+    training = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.strategy = argparse.Namespace(root_device=device)
+
+
+def _loader_pass(datamodule: MIMDataModule) -> tuple[int, float, float, Any]:
+    """One pass over the train loader: images, wall seconds, CPU seconds (this process and the workers, which end
+    with the pass) and the last batch."""
+    seen, batch = 0, None
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
+    for batch in datamodule.train_dataloader():
+        seen += len(batch[1])  # the labels: the views may still be encoded images
+    return seen, time.perf_counter() - start, _cpu_seconds() - cpu_start, batch
+
+
+def _device_side_ms(datamodule: MIMDataModule, batch: Any, device: torch.device, repeats: int = 3) -> float:
+    """Median milliseconds of the device-side part of the views for one batch on `device`: with decode_on "device",
+    decoding the JPEGs and cropping (`on_before_batch_transfer`); then to [0, 1], the method's `augment_views` and
+    the normalisation (`on_after_batch_transfer`). The copy of the loader's batch to the device is not included."""
+    datamodule.trainer = _TrainingTrainer(device)
+    views, labels = batch
+    if datamodule.hparams.decode_on == "loader":
+        views = [view.to(device) for view in views] if isinstance(views, (tuple, list)) else views.to(device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        datamodule.on_after_batch_transfer(datamodule.on_before_batch_transfer((views, labels), 0), 0)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    datamodule.trainer = None
+    return 1000 * float(np.median(times))
+
+
+def _decode_pil(data: bytes, reduce: int = 1) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as image:
+        if reduce > 1:  # JPEG DCT scaling: decode at 1/reduce of the size (libjpeg picks 1/2, 1/4 or 1/8)
+            image.draft("RGB", (image.width // reduce, image.height // reduce))
+        return pil_to_tensor(image.convert("RGB"))
+
+
+DECODERS: dict[str, Callable[[bytes], torch.Tensor]] = {
+    "PIL, full size": _decode_pil,
+    "PIL, draft 1/2 (DCT scaling)": lambda data: _decode_pil(data, 2),
+    "PIL, draft 1/4 (DCT scaling)": lambda data: _decode_pil(data, 4),
+    "torchvision decode_image": lambda data: decode_to_tensor(data, "RGB"),
+}
+
+
+def bench_decode(image_folder: Path, limit: int) -> list[dict[str, Any]]:
+    """Milliseconds per image (median of 3 passes, main process, page-cached files) of each CPU decoder, from the
+    file bytes to a uint8 (3, H, W) tensor, on up to `limit` of the folder's training images."""
+    # the first files found, without listing the whole tree (a real ImageNet folder has 1.28 M files)
+    paths = (path for path in (image_folder / "train").rglob("*") if path.is_file())
+    files = [path.read_bytes() for path in itertools.islice(paths, limit)]
+    rows = []
+    for name, decode in DECODERS.items():
+        passes = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for data in files:
+                decode(data)
+            passes.append(1000 * (time.perf_counter() - start) / len(files))
+        rows.append({"decoder": name, "images": len(files), "ms_per_image": float(np.median(passes))})
+    return rows
+
+
+def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], args: argparse.Namespace,
+               augment_on: str = "loader", device: torch.device | None = None) -> dict[str, Any]:
+    """Throughput of the MIMDataModule train loader with the method's views, worker start-up included: the median
+    of `--data-repeats` passes. `augment_on="loader"`: the whole per-image `train_transform` in the workers (the
+    reference pipeline); `"device"`: the workers decode to tensors and crop (`loader_views`), and the rest of the
+    views (`augment_views`, normalisation) is timed on `device` for one batch (`device_ms_per_batch`);
+    `"device_decode"`: the workers read the files only, and decoding and cropping are timed on `device` too."""
     batch = min(args.batch, args.data_images)
     common = dict(batch_size=batch, num_workers=args.workers, pin_memory=False, persistent_workers=False,
-                  knn_bank_size=None)
+                  knn_bank_size=None, augment_on="loader" if augment_on == "loader" else "device",
+                  decode_on="device" if augment_on == "device_decode" else "loader")
     if source == "imagefolder":
         datamodule = MIMDataModule(source="imagefolder", data_dir=data["image_folder"],
                                    train_subset=args.data_images, **common)
@@ -401,17 +487,22 @@ def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], 
         datamodule = MIMDataModule(source="webdataset", train_shards=data["shards"], train_samples=args.data_images,
                                    shuffle_buffer=min(1000, args.data_images), **common)
     chans = method.in_chans
-    datamodule.bind(method.image_size, chans, method.train_transform(datamodule.mean_for(chans),
-                                                                     datamodule.std_for(chans)))
+    if augment_on != "loader":
+        datamodule.bind(method.image_size, chans, method.loader_views(), augment_module=method)
+    else:
+        datamodule.bind(method.image_size, chans, method.train_transform(datamodule.mean_for(chans),
+                                                                         datamodule.std_for(chans)))
     datamodule.setup("fit")
-    seen = 0
-    start = time.perf_counter()
-    for views, _ in datamodule.train_dataloader():
-        seen += (views[0] if isinstance(views, (tuple, list)) else views).shape[0]
-    elapsed = time.perf_counter() - start
+    passes = [_loader_pass(datamodule) for _ in range(args.data_repeats)]
+    seen, elapsed, cpu_seconds, last_batch = sorted(passes, key=lambda item: item[1])[len(passes) // 2]
     images_per_s = seen / elapsed
-    return {"method": name, "source": source, "workers": args.workers, "images": seen, "seconds": elapsed,
-            "img_per_s": images_per_s, "img_per_s_per_worker": images_per_s / max(1, args.workers)}
+    row = {"method": name, "source": source, "augment_on": augment_on, "workers": args.workers, "images": seen,
+           "seconds": elapsed, "img_per_s": images_per_s, "img_per_s_per_worker": images_per_s / max(1, args.workers),
+           "cpu_seconds": cpu_seconds, "img_per_cpu_s": seen / cpu_seconds,
+           "passes_img_per_s": [item[0] / item[1] for item in passes], "device_ms_per_batch": None}
+    if augment_on != "loader":
+        row["device_ms_per_batch"] = _device_side_ms(datamodule, last_batch, device or torch.device("cpu"))
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------- report
@@ -456,14 +547,28 @@ def to_markdown(report: dict[str, Any]) -> str:
         origin = (f"{settings['data_images']} generated JPEGs, 256-500 px, mean {data['mean_file_kb']:.0f} KB"
                   if data["generated"] else f"up to {settings['data_images']} images of "
                   f"{' and '.join(str(path) for path in (data['image_folder'], data['shards']) if path)}")
-        lines += ["", f"Data pipeline: decode + the method's train transform through MIMDataModule, "
-                      f"{settings['workers']} worker(s), {origin}; worker start-up included.", "",
-                  "| method | source | images | seconds | img/s | img/s per worker | data / train-step img/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", f"Data pipeline: decode + the method's views through the MIMDataModule train loader, "
+                      f"{settings['workers']} worker(s), {origin}; worker start-up included; median of "
+                      f"{settings['data_repeats']} pass(es). augment_on loader: the whole view per image in the "
+                      f"workers (PIL decode, the reference); device: the workers decode to tensors and crop, and the "
+                      f"rest runs batched on the {header['device_type']} (its time per batch in the last column); "
+                      f"device_decode: the workers read the files, and the {header['device_type']} also decodes "
+                      f"the JPEGs and crops.",
+                  "",
+                  "| method | source | augment on | images | seconds | img/s | img/s per worker | img/s per core | "
+                  "data / train-step img/s | workers per device at the step rate | device part (ms / batch) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["data"]:
-            lines.append(f"| {row['method']} | {row['source']} | {row['images']} | {row['seconds']:.2f} | "
-                         f"{_rate(row['img_per_s'])} | {_rate(row['img_per_s_per_worker'])} | "
-                         f"{row['data_vs_train']:.2f} |")
+            device_ms = "-" if row["device_ms_per_batch"] is None else f"{row['device_ms_per_batch']:.1f}"
+            lines.append(f"| {row['method']} | {row['source']} | {row['augment_on']} | {row['images']} | "
+                         f"{row['seconds']:.2f} | {_rate(row['img_per_s'])} | {_rate(row['img_per_s_per_worker'])} | "
+                         f"{_rate(row['img_per_cpu_s'])} | {row['data_vs_train']:.2f} | {row['workers_per_device']} | "
+                         f"{device_ms} |")
+    if report.get("decode"):
+        lines += ["", "CPU decoders, file bytes to a uint8 tensor, one process (median of 3 passes):", "",
+                  "| decoder | images | ms / image |", "|---|---|---|"]
+        for row in report["decode"]:
+            lines.append(f"| {row['decoder']} | {row['images']} | {row['ms_per_image']:.3f} |")
     if report["shards"]:
         lines += ["", f"Shard writing (`make-shards`: read, decode check, tar writing) of the "
                       f"{settings['data_images']} generated JPEGs, max_count {report['shards'][0]['max_count']}, "
@@ -515,12 +620,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "JPEGs; its train/ split is written to temporary shards unless --shards is given")
     parser.add_argument("--shards", default=None, help="existing WebDataset train shards (brace pattern)")
     parser.add_argument("--workers", type=int, default=1, help="data loader workers (0: in the main process)")
+    parser.add_argument("--augment-on", type=_augment_places, default="loader,device",
+                        help="where the views are made, each timed in turn per method and source: 'loader' "
+                             "(per image in the workers, the reference), 'device' (workers decode and crop, the rest "
+                             "batched on --device), 'device_decode' (workers read files, --device decodes the JPEGs, "
+                             "crops and augments)")
+    parser.add_argument("--data-repeats", type=int, default=1,
+                        help="passes over the loader per row; the row reports the median pass")
     parser.add_argument("--shard-workers", type=_worker_counts, default="1,2",
                         help="make-shards worker counts to time on the generated JPEGs (comma-separated), or 'none'")
     parser.add_argument("--out", default=None, help="folder for bench.md and bench.json")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1 (the first warm-up step is timed as first step)")
+    if args.data_repeats < 1:
+        parser.error("--data-repeats must be at least 1")
     if args.batch < 2 or args.data_images < 1 or args.workers < 0 or args.matmul_seconds <= 0 \
             or (args.threads is not None and args.threads < 1):
         parser.error("need --batch >= 2 (BatchNorm heads), --data-images >= 1, --workers >= 0, --matmul-seconds > 0 "
@@ -530,6 +644,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args
+
+
+def _augment_places(text: str) -> list[str]:
+    places = [word.strip() for word in text.split(",") if word.strip()]
+    if not places or not set(places) <= {"loader", "device", "device_decode"}:
+        raise argparse.ArgumentTypeError(f"--augment-on takes loader, device and/or device_decode (comma-separated), "
+                                         f"got {text!r}")
+    return places
 
 
 def _worker_counts(text: str) -> list[int]:
@@ -558,6 +680,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="mim_bench_"))
     try:
         data, shard_rows = prepare_data(args, sources, tmp) if sources else (None, [])
+        decode_rows = bench_decode(Path(data["image_folder"]), args.data_images) if data and data["image_folder"] \
+            else []
         for name in names:
             method = build_method(known[name], args)
             row = bench_train_step(name, method, args, device)
@@ -567,9 +691,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             for source in sources:
-                data_row = bench_data(source, name, method, data, args)
-                data_row["data_vs_train"] = data_row["img_per_s"] / row["img_per_s"]
-                data_rows.append(data_row)
+                for augment_on in args.augment_on:  # interleaved, so both see the same machine load
+                    data_row = bench_data(source, name, method, data, args, augment_on, device)
+                    data_row["data_vs_train"] = data_row["img_per_s"] / row["img_per_s"]
+                    data_row["workers_per_device"] = math.ceil(row["img_per_s"] / data_row["img_per_s_per_worker"])
+                    data_rows.append(data_row)
             del method
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -590,6 +716,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "methods": method_rows,
         "data": data_rows,
+        "decode": decode_rows,
         "shards": shard_rows,
     }
 

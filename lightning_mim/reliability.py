@@ -90,7 +90,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 RESUME_MAY_CHANGE = frozenset({
     "model.backbone.grad_checkpointing", "model.optim.fused", "model.optim.max_consecutive_nonfinite",
     "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.data_dir", "data.train_shards",
-    "data.val_shards",
+    "data.val_shards", "data.augment_on", "data.decode_on",
 })
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import available_methods, build_method, count_flops, main
+from benchmarks.bench import DECODERS, available_methods, build_method, count_flops, main, method_kwargs
 from lightning_mim.methods import MAE
 
 
@@ -72,7 +72,8 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     main(["--methods", "all", "--size", "micro", "--img-size", "32", "--patch-size", "4", "--batch", "4",
           "--steps", "2", "--warmup", "1", "--threads", "1", "--matmul-seconds", "0.05",
           "--method-args", json.dumps(METHOD_ARGS), "--data", "imagefolder,webdataset",
-          "--data-images", "32", "--workers", "0", "--device", "cpu", "--out", str(out)])
+          "--data-images", "32", "--workers", "0", "--augment-on", "loader,device,device_decode", "--device", "cpu",
+          "--out", str(out)])
     assert torch.get_num_threads() == threads  # --threads applies to the run only
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
@@ -93,13 +94,21 @@ def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str])
         assert row["achieved_tflops"] == pytest.approx(row["gflops_per_img"] * row["img_per_s"] / 1e3)
         assert row["mfu_vs_matmul"] == pytest.approx(row["achieved_tflops"] / row["matmul_tflops"])
         assert isinstance(row["cpu_target_met"], bool)
-    assert [(row["method"], row["source"]) for row in report["data"]] == [
-        (method, source) for method in [row["method"] for row in report["methods"]]
-        for source in ("imagefolder", "webdataset")]
+    assert [(row["method"], row["source"], row["augment_on"]) for row in report["data"]] == [
+        (method, source, place) for method in [row["method"] for row in report["methods"]]
+        for source in ("imagefolder", "webdataset") for place in ("loader", "device", "device_decode")]
+    step_rates = {row["method"]: row["img_per_s"] for row in report["methods"]}
     for row in report["data"]:
         assert row["images"] == 32
-        for column in ("seconds", "img_per_s", "img_per_s_per_worker", "data_vs_train"):
+        for column in ("seconds", "img_per_s", "img_per_s_per_worker", "img_per_cpu_s", "data_vs_train"):
             assert row[column] > 0, (row["method"], row["source"], column)
+        # workers (at least one) whose images per second together reach the step's
+        workers = row["workers_per_device"]
+        assert workers * row["img_per_s_per_worker"] >= step_rates[row["method"]]
+        assert workers == 1 or (workers - 1) * row["img_per_s_per_worker"] < step_rates[row["method"]]
+        assert (row["device_ms_per_batch"] is None) == (row["augment_on"] == "loader")
+    assert [row["decoder"] for row in report["decode"]] == list(DECODERS)
+    assert all(row["images"] == 32 and row["ms_per_image"] > 0 for row in report["decode"])
 
 
 def test_tiny_bench_times_shard_writing_at_one_and_two_workers(tiny_report: tuple[dict, str]) -> None:

@@ -360,6 +360,7 @@ def test_recipes_parse_with_the_paper_values(recipe, capsys):
     assert args["loss_weights"] == {"mim": 1.0, "bc": 0.25} and args["mask_ratio"] == 0.75 and args["norm_pix_loss"]
     assert (args["momentum_base"], args["momentum_final"]) == (0.996, 1.0)
     assert printed["trainer"]["gradient_clip_val"] is None
+    assert printed["data"]["augment_on"] == "device" and printed["data"]["decode_on"] == "loader"
     if "demo" not in recipe.stem:
         assert args["optim"]["lr_scaling"] == "sqrt" and args["optim"]["lr_reference_batch"] == 16
         assert printed["data"]["batch_size"] * 8 * printed["trainer"]["accumulate_grad_batches"] == 4096

@@ -12,13 +12,16 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import transforms
 
+from lightning_mim.augment import normalize, to_unit_float
+from lightning_mim.data.device_decode import DeferViews, EncodedReader, collate_encoded, decode_views
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
 from lightning_mim.data.sources import (
-    EpochSampler, NodeSplitter, SkipCounter, SyntheticImages, ToMode, Transformed, build_imagefolder, check_token_ids,
-    count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
+    EpochSampler, NodeSplitter, SkipCounter, SkippingImageFolder, SyntheticImages, TensorDecoder, ToMode, Transformed,
+    build_imagefolder, check_token_ids, count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
 )
 
 Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
+Place = Literal["loader", "device"]  # where part of the training views is made
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULT_STATS = {
@@ -42,12 +45,24 @@ def _expand_stats(values: tuple[float, ...], in_chans: int, name: str) -> tuple[
     raise ValueError(f"{name} has {len(values)} values; cannot expand it to {in_chans} channels")
 
 
+def has_device_views(module: Any) -> bool:
+    """Whether the module's `loader_views` belongs to its `train_transform`: defined by the class that defines
+    train_transform or a subclass of it. A method that overrides only train_transform (written before the device
+    path) would otherwise get the views of a base class, so its views are made per image in the loader."""
+    if not callable(getattr(module, "loader_views", None)):
+        return False
+    owner = {name: next(cls for cls in type(module).__mro__ if name in vars(cls))
+             for name in ("train_transform", "loader_views")}
+    return issubclass(owner["loader_views"], owner["train_transform"])
+
+
 class MIMDataModule(L.LightningDataModule):
     """Images for masked-image-modeling pre-training and their k-NN monitoring.
 
     The method declares its views: `bind(image_size, in_chans, train_transform)` (called by `setup` from the
-    attached LightningModule's `image_size`, `in_chans` and `train_transform(mean, std)`). Every image is converted
-    to the model's channel mode ('L' or 'RGB') before any transform.
+    attached LightningModule's `image_size`, `in_chans` and `train_transform(mean, std)`, or with `augment_on`
+    "device" its `loader_views()` and `augment_views`). Every image is converted to the model's channel mode ('L' or
+    'RGB') before any transform.
 
     Loaders: `train_dataloader` yields (views, label) with the bound train transform (the eval transform when none
     is bound); `val_dataloader` and `knn_bank_dataloader` yield (image, label) with the eval transform, the latter
@@ -88,8 +103,21 @@ class MIMDataModule(L.LightningDataModule):
         eval_resize_ratio: float = 0.875,
         shuffle_buffer: int = 1000,
         token_ids_key: str | None = None,
+        augment_on: Place = "device",
+        decode_on: Place = "loader",
     ) -> None:
         """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
+
+        `augment_on`: where the training views are augmented. "device": the loader workers only read, decode and
+        crop (the method's `loader_views`, uint8 tensors, a quarter of float32's bytes to collate and copy); scaling
+        to [0, 1], the method's photometric augmentation (`augment_views`, per-sample draws on the device) and
+        normalisation run batched on the training device (`on_after_batch_transfer`). "loader": the method's whole
+        per-image `train_transform` in the workers (the reference pipeline). A module without its own
+        `loader_views` (`has_device_views`) is always augmented in the loader.
+
+        `decode_on`: "loader" decodes the training images in the workers; "device" (with augment_on "device", for
+        imagefolder and webdataset) has the workers read the files only and decodes the JPEGs of each batch in one
+        call on the training device (nvJPEG on a GPU) before the crops (`lightning_mim.data.device_decode`).
 
         `token_ids_key` (webdataset only, e.g. "tokens.npy"): each training sample's precomputed tokenizer ids,
         written by `lightning-mim tokenizer encode`, replace element [1] of its views (the tokenizer view) as an int64
@@ -112,6 +140,16 @@ class MIMDataModule(L.LightningDataModule):
                              f"drop token_ids_key to tokenise in the training step")
         if not 0.0 < eval_resize_ratio <= 1.0:
             raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
+        if augment_on not in get_args(Place):
+            raise ValueError(f"unknown augment_on {augment_on!r}; choose 'device' (batched on the training device) "
+                             f"or 'loader' (per image in the loader workers)")
+        if decode_on not in get_args(Place):
+            raise ValueError(f"unknown decode_on {decode_on!r}; choose 'loader' (in the loader workers) or 'device' "
+                             f"(JPEGs decoded on the training device)")
+        if decode_on == "device" and (augment_on != "device" or source not in ("imagefolder", "webdataset")):
+            raise ValueError(f"decode_on 'device' decodes JPEG files before the device-side views: it needs "
+                             f"augment_on 'device' and source 'imagefolder' or 'webdataset' (got augment_on "
+                             f"{augment_on!r}, source {source!r}); set decode_on 'loader' otherwise")
         self.save_hyperparameters()
         self._image_size: int | None = None
         self._in_chans: int | None = None
@@ -119,11 +157,14 @@ class MIMDataModule(L.LightningDataModule):
         self._counter: SkipCounter | None = None
         self._num_classes: int | None = None
         self._train_set: Dataset | None = None
+        self._train_raw: Dataset | None = None
         self._val_set: Dataset | None = None
         self._knn_set: Dataset | None = None
         self._train_urls: list[str] = []
         self._val_urls: list[str] = []
         self._train_samples: int | None = None
+        self._augment_module: Any = None  # the module whose augment_views completes the views on the device
+        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------ model binding
     @property
@@ -142,14 +183,19 @@ class MIMDataModule(L.LightningDataModule):
         native = self.native_format()
         return native[1] if native is not None else 3
 
-    def bind(self, image_size: int, in_chans: int,
-             train_transform: Callable[[Image.Image], Any] | None = None) -> None:
-        """Store what the data needs from the model: input size, channel count and the training views."""
+    def bind(self, image_size: int, in_chans: int, train_transform: Callable[[Image.Image], Any] | None = None,
+             augment_module: Any = None) -> None:
+        """Store what the data needs from the model: input size, channel count and the training views.
+
+        With `augment_module` (a method, its `loader_views()` as train_transform), the views are completed on the
+        device: files decode straight to uint8 tensors (`decode_to_tensor`), and training batches go through the
+        module's `augment_views` and the normalisation in `on_after_batch_transfer`."""
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self._image_size, self._in_chans, self._train_transform = int(image_size), int(in_chans), train_transform
+        self._augment_module = augment_module
 
     def mean_for(self, in_chans: int) -> tuple[float, ...]:
         """Normalisation mean for a model with in_chans channels."""
@@ -209,6 +255,7 @@ class MIMDataModule(L.LightningDataModule):
             train_raw = SyntheticImages(hp.synthetic_size, *args, stream=_TRAIN)
             val_raw = SyntheticImages(max(hp.synthetic_size // 4, 1), *args, stream=_VAL)
             num_classes = hp.synthetic_classes
+        self._train_raw = train_raw
         self._train_set = seeded_subset(train_raw, hp.train_subset, hp.seed, _TRAIN)
         self._val_set = seeded_subset(val_raw, hp.val_subset, hp.seed, _VAL)
         self._knn_set = seeded_subset(train_raw, hp.knn_bank_size, hp.seed, _KNN)
@@ -238,7 +285,45 @@ class MIMDataModule(L.LightningDataModule):
         make_views = getattr(module, "train_transform", None)
         size, chans = getattr(module, "image_size", None), getattr(module, "in_chans", None)
         if callable(make_views) and isinstance(size, int) and isinstance(chans, int):
-            self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
+            if self.hparams.augment_on == "device" and has_device_views(module):
+                self.bind(size, chans, module.loader_views(), augment_module=module)
+            else:
+                self.bind(size, chans, make_views(self.mean_for(chans), self.std_for(chans)))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of encoded images (decode_on "device"): decoded on the training device and cropped
+        there by the module's `loader_views`, each image with its own seed. Other batches pass unchanged."""
+        trainer = self.trainer
+        if not self._decodes_on_device or trainer is None or not trainer.training:
+            return batch
+        images, labels = batch
+        return decode_views(images, self._train_transform, self._mode, trainer.strategy.root_device), labels
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of device-side views (`augment_on="device"`): uint8 -> [0, 1] floats, the module's
+        `augment_views` (its draws come from the device's generator, saved in checkpoints), then normalisation.
+        Other batches pass unchanged."""
+        trainer = self.trainer
+        if self._augment_module is None or trainer is None or not trainer.training:
+            return batch
+        views, labels = batch
+        many = isinstance(views, (tuple, list))
+        floats = [to_unit_float(view) for view in (views if many else [views])]
+        floats = self._augment_module.augment_views(floats if many else floats[0])
+        mean, std = self._stats_on(floats[0].device if many else floats.device)
+        views = [normalize(view, mean, std) for view in floats] if many else normalize(floats, mean, std)
+        # what Lightning does to float inputs before the transfer (to bf16 / fp16 under "-true" precision), which
+        # the uint8 batch skipped
+        plugin = getattr(trainer, "precision_plugin", None)
+        return (plugin.convert_input(views) if plugin is not None else views), labels
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation mean and std as tensors on `device`, copied there once."""
+        if device not in self._device_stats:
+            chans = self.in_chans
+            self._device_stats[device] = (torch.tensor(self.mean_for(chans)).to(device),
+                                          torch.tensor(self.std_for(chans)).to(device))
+        return self._device_stats[device]
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -297,6 +382,9 @@ class MIMDataModule(L.LightningDataModule):
         hp = self.hparams
         transform = self.eval_transform() if self._train_transform is None else transforms.Compose(
             [ToMode(self._mode), self._train_transform])
+        collate = default_collate
+        if self._decodes_on_device:
+            transform, collate = DeferViews(), collate_encoded
         rank, world = self._rank_world()
         if hp.source == "webdataset":
             batches = self._train_samples // (self.batch_size * world)
@@ -308,7 +396,8 @@ class MIMDataModule(L.LightningDataModule):
             # with_epoch cuts exactly `batches` batches on every rank.
             pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
                                            node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
-                                           batch_size=self.batch_size, token_ids_key=hp.token_ids_key)
+                                           batch_size=self.batch_size, token_ids_key=hp.token_ids_key,
+                                           decode=self._file_decoder, collate=collate)
             loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
             return loader.with_epoch(batches).with_length(batches, silent=True)
         if hp.drop_last and len(self._train_set) < self.batch_size * world:
@@ -317,8 +406,14 @@ class MIMDataModule(L.LightningDataModule):
         # StatefulDataLoader: Lightning saves its position in every checkpoint and resumes mid-epoch at the next
         # unseen batch; the sampler's order and the per-sample augmentation seeds depend only on data.seed.
         sampler = EpochSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        return StatefulDataLoader(Transformed(self._train_set, transform, hp.seed), batch_size=self.batch_size,
-                                  sampler=sampler, drop_last=hp.drop_last, **self._loader_kwargs())
+        train_set = self._train_set
+        if self._file_decoder is not None and isinstance(self._train_raw, SkippingImageFolder):
+            # the same subset of the same files, read by the device-side views' decoder
+            train_set = seeded_subset(self._train_raw.reading_with(self._file_decoder), hp.train_subset, hp.seed,
+                                      _TRAIN)
+        return StatefulDataLoader(Transformed(train_set, transform, hp.seed), batch_size=self.batch_size,
+                                  sampler=sampler, drop_last=hp.drop_last, collate_fn=collate,
+                                  **self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
         """(image, label) batches of the validation split with the eval transform.
@@ -370,6 +465,18 @@ class MIMDataModule(L.LightningDataModule):
     @property
     def _mode(self) -> str:
         return "L" if self.in_chans == 1 else "RGB"
+
+    @property
+    def _decodes_on_device(self) -> bool:
+        return self.hparams.decode_on == "device" and self._augment_module is not None
+
+    @property
+    def _file_decoder(self) -> Callable[[bytes, str], Any] | None:
+        """How the training loader reads image files for device-side views: the JPEG bytes left to the device
+        (decode_on device), or decoded straight to tensors; None (PIL images) for the per-image reference views."""
+        if self._augment_module is None:
+            return None
+        return EncodedReader(self._mode) if self._decodes_on_device else TensorDecoder(self._mode)
 
     def native_format(self) -> tuple[int, int] | None:
         """(image size, channels) that every image of the source has: 28 x 28 grey for Fashion-MNIST,

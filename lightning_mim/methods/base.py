@@ -187,7 +187,8 @@ def to_plain(value: Any) -> Any:
 
 class MIMMethod(L.LightningModule, abc.ABC):
     """Base LightningModule. A method implements `compute_losses(views) -> dict[str, Tensor]` (unweighted terms) and
-    may override `train_transform`, `reconstruct` and `validation_views`. Total loss = sum of loss_weights[k] * term."""
+    may override `loader_views` / `augment_views` / `train_transform`, `reconstruct` and `validation_views`.
+    Total loss = sum of loss_weights[k] * term."""
 
     default_loss_weights: dict[str, float] = {}
     norm_pix_target = False  # True where the method predicts per-patch normalised pixels (MAE's norm_pix_loss)
@@ -255,16 +256,30 @@ class MIMMethod(L.LightningModule, abc.ABC):
     def in_chans(self) -> int:
         return self.backbone_config.in_chans
 
-    def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
-        """One view: MAE's RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
+    def loader_views(self) -> Callable:
+        """The per-file part of the training views, run in the loader workers when the data augments on the device
+        (`MIMDataModule(augment_on="device")`): PIL image -> uint8 tensor view(s), the geometric crop included; the
+        rest runs batched on the device (`augment_views`, then the data's normalisation). Here MAE's
+        RandomResizedCrop(0.2-1, bicubic) + horizontal flip. A method that overrides `train_transform` but not
+        this keeps its views in the loader (`MIMDataModule` checks which class defines each)."""
         return v2.Compose([
             v2.PILToTensor(),
             v2.RandomResizedCrop(self.image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
         ])
+
+    def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+        """The whole training view per image, in the loader workers (`augment_on="loader"`): `loader_views`, then
+        scaling to [0, 1] and normalisation. A method whose `augment_views` is not the identity overrides this with
+        its per-image (PIL) reference pipeline."""
+        return v2.Compose([self.loader_views(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    def augment_views(self, views: Any, draws: Any = None) -> Any:
+        """Batched photometric augmentation of a training batch's views, [0, 1] float images on the device, with
+        per-sample parameters drawn on the device (`draws` passes them in); the identity here. The data calls it on
+        training batches only (`MIMDataModule.on_after_batch_transfer`), before normalising."""
+        return views
 
     @abc.abstractmethod
     def compute_losses(self, views: Any) -> dict[str, torch.Tensor]:

@@ -61,14 +61,12 @@ class SimMIM(MIMMethod):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         self.head = nn.Linear(width, self.backbone.patch_size ** 2 * self.in_chans)
 
-    def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    def loader_views(self) -> v2.Compose:
         """SimMIM's view: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3, bilinear) + horizontal flip."""
         return v2.Compose([
             v2.PILToTensor(),
             v2.RandomResizedCrop(self.image_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
         ])
 
     def draw_mask(self, batch_size: int, device: torch.device, noise: torch.Tensor | None = None) -> torch.Tensor:
