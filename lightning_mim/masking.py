@@ -77,11 +77,14 @@ def simmim_masking(batch_size: int, grid_size: tuple[int, int], cell: int, mask_
     return _upsample_cells(cells, cell)
 
 
-def checkerboard_mask(grid_size: tuple[int, int], cell: int = 1, phase: int = 0) -> torch.Tensor:
-    """SymMIM's fixed checkerboard: M(i, j) = (i // cell + j // cell + phase) mod 2 over the patch grid, (L,) float.
-    cell 1 is the small-scale mask M1, cell k the large-scale M2."""
+def checkerboard_mask(grid_size: tuple[int, int], cell: int = 1, phase: int = 0,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """SymMIM's fixed checkerboard: M(i, j) = (i // cell + j // cell + phase) mod 2 over the patch grid, (L,) float,
+    built on `device` (a copy from the host would wait for the device). cell 1 is the small-scale mask M1, cell k the
+    large-scale M2."""
     check_cell_size(grid_size, cell, "checkerboard mask")
-    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0], device=device), torch.arange(grid_size[1], device=device),
+                                indexing="ij")
     return ((rows // cell + cols // cell + phase) % 2).float().flatten()
 
 
@@ -89,7 +92,7 @@ def checkerboard_masking(batch_size: int, grid_size: tuple[int, int], cell: int 
                          phase: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """The checkerboard for a batch, (B, L). `phase` (B,) of 0 / 1 flips each image's mask to its complement where
     1 (SymMIM's `mask_phase="random"`); None keeps the formula's fixed phase for every image."""
-    mask = checkerboard_mask(grid_size, cell).to(device).expand(batch_size, -1)
+    mask = checkerboard_mask(grid_size, cell, device=device).expand(batch_size, -1)
     if phase is None:
         return mask
     if phase.shape != (batch_size,):
