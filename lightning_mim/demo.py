@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.knn import extract_features, knn_accuracy

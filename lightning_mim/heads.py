@@ -92,3 +92,19 @@ class ProjectionMLP(nn.Sequential):
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
         init_mae_weights(self)
+
+
+
+def learned_mask_token(width: int) -> nn.Parameter:
+    """A (1, 1, width) mask token, trunc-normal 0.02 (BEiT, MaPeT)."""
+    token = nn.Parameter(torch.zeros(1, 1, width))
+    nn.init.trunc_normal_(token, std=0.02)
+    return token
+
+
+def token_classifier(width: int, vocab_size: int) -> nn.Linear:
+    """`Linear(width, V)` over a tokenizer's vocabulary, weight trunc-normal 0.02 and bias 0 (BEiT, MaPeT)."""
+    classifier = nn.Linear(width, vocab_size)
+    nn.init.trunc_normal_(classifier.weight, std=0.02)
+    nn.init.zeros_(classifier.bias)
+    return classifier

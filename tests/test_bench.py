@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import DECODERS, available_methods, build_method, count_flops, main, method_kwargs
+from benchmarks.bench import DECODERS, available_methods, build_method, count_flops, main
 from lightning_mim.methods import MAE
 
 

@@ -18,7 +18,7 @@ from lightning_mim.masking import random_masking
 from lightning_mim.methods import BeyondMasking
 from lightning_mim.methods.base import warmup_cosine
 from lightning_mim.methods.beyond_masking import OBJECTIVES
-from test_host_sync import CudaSyncIsAnError, HostReadsPerStep
+from test_host_sync import HostReadsPerStep, fit_raising_on_cuda_sync
 
 PAPER_BACKBONE = dict(class_token=False, pos_embed="sincos_1d", qkv_bias="qv", init="clipped_normal")
 MICRO_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
@@ -327,17 +327,7 @@ def test_each_objective_reads_nothing_on_the_host_between_logging_steps(objectiv
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_each_objective_has_no_cuda_synchronisation_outside_logging_steps(objective):
-    model = micro(objective, optim=dict(lr=1e-3, warmup_steps=2))
-    data = MIMDataModule(source="synthetic", synthetic_size=64, synthetic_image_size=16, batch_size=8,
-                         num_workers=1, persistent_workers=False, knn_bank_size=8, val_subset=8)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, max_steps=8,
-                        log_every_n_steps=4, callbacks=[CudaSyncIsAnError()])
-    try:
-        trainer.fit(model, datamodule=data)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert trainer.global_step == 8
+    fit_raising_on_cuda_sync(micro(objective, optim=dict(lr=1e-3, warmup_steps=2)))
 
 
 def test_degradation_grid_rows():

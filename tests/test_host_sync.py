@@ -111,7 +111,11 @@ class CudaSyncIsAnError(L.Callback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", METHODS, ids=lambda cls: cls.__name__)
 def test_no_cuda_synchronisation_outside_logging_steps(method):
-    model = micro_method(method, optim=dict(lr=1e-3, warmup_steps=2))
+    fit_raising_on_cuda_sync(micro_method(method, optim=dict(lr=1e-3, warmup_steps=2)))
+
+
+def fit_raising_on_cuda_sync(model: L.LightningModule) -> None:
+    """8 bf16 steps on the GPU, logging every 4th, where any CUDA synchronisation on the other steps raises."""
     data = MIMDataModule(source="synthetic", synthetic_size=64, synthetic_image_size=16, batch_size=8,
                          num_workers=1, persistent_workers=False, knn_bank_size=8, val_subset=8)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,

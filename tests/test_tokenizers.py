@@ -19,7 +19,7 @@ from lightning_mim.data import MIMDataModule, write_shards
 from lightning_mim.eval.weights import save_encoder
 from lightning_mim.targets import MissingExtraError, TokenizerConfig, build_tokenizer, centre_square_view
 from lightning_mim.targets.kmeans import (
-    KMeansTokenizer, PatchPixels, build_extractor, load_codebook, open_clip_extractor, save_codebook,
+    KMeansTokenizer, build_extractor, load_codebook, open_clip_extractor, save_codebook,
 )
 from lightning_mim.targets.vqkd import load_vqkd_state
 

@@ -261,6 +261,14 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int
     return images.reshape(batch, channels, grid_h * patch_size, grid_w * patch_size)
 
 
+def reset_layer_norm(norm: nn.LayerNorm) -> None:
+    """LayerNorm at (1, 0), where it has weights."""
+    if norm.weight is not None:
+        nn.init.ones_(norm.weight)
+    if norm.bias is not None:
+        nn.init.zeros_(norm.bias)
+
+
 def init_mae_weights(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform on every Linear (fused qkv as one matrix), zero biases, LayerNorm (1, 0),
     the patch projection xavier-uniform on its flattened (D, C*p*p) view, and N(0, .02) for the cls token."""
@@ -270,10 +278,7 @@ def init_mae_weights(module: nn.Module) -> None:
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.LayerNorm):
-            if sub.weight is not None:
-                nn.init.ones_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
+            reset_layer_norm(sub)
     patch_embed = getattr(module, "patch_embed", None)
     if patch_embed is not None:
         weight = patch_embed.proj.weight
@@ -295,10 +300,7 @@ def init_clipped_normal_weights(module: nn.Module, std: float = 0.02) -> None:
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.LayerNorm):
-            if sub.weight is not None:
-                nn.init.ones_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
+            reset_layer_norm(sub)
 
 
 class KeyBiasFreeLinear(nn.Linear):

@@ -18,6 +18,7 @@ import torch.nn as nn
 from PIL import Image
 
 from lightning_mim.backbone import BackboneConfig
+from lightning_mim.heads import learned_mask_token, token_classifier
 from lightning_mim.losses import token_accuracy, token_cross_entropy
 from lightning_mim.masking import block_mask, block_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
@@ -66,12 +67,8 @@ class BEiT(MIMMethod):
         self.num_masked, self.min_block, self.exact = num_masked_patches, min_masked_per_block, exact_mask_count
         self.targets = TokenTargets(tokenizer, vocab_size, self.backbone.grid_size)
         self.crop, self.colour_jitter = crop, colour_jitter
-        width = self.backbone.embed_dim
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(width, self.targets.vocab_size)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.mask_token = learned_mask_token(self.backbone.embed_dim)
+        self.head = token_classifier(self.backbone.embed_dim, self.targets.vocab_size)
         self.validation_masks = torch.Generator()
 
     def eval_mode_modules(self) -> list[nn.Module]:

@@ -1,5 +1,4 @@
 """Atomic checkpoint writes and weights-only loading."""
-import os
 import stat
 from pathlib import Path
 
