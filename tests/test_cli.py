@@ -40,8 +40,8 @@ RECIPE_KEYS = {
     "mae": ("MAE", ("mask_ratio: 0.75", "norm_pix_loss: true", "lr_scaling: linear", "decoder_depth:", "knn:")),
     "simmim": ("SimMIM", ("mask_ratio: 0.6", "lr_scaling: linear", "knn:")),
     "symmim": ("SymMIM", ("temperature: 0.2", "momentum_base: 0.99", "mask_phase: fixed", "con: 1.0")),
-    "mapet": ("MaPeT", ("predict_ratio: 0.75", "cooldown_epochs: 10", "crop: center_square", "tokenizer:")),
-    "beit": ("BEiT", ("num_masked_patches: 75", "min_masked_per_block: 16", "cooldown_epochs: 10", "tokenizer:")),
+    "mapet": ("MaPeT", ("predict_ratio: 0.75", "cooldown_epochs:", "crop: center_square", "tokenizer:")),
+    "beit": ("BEiT", ("num_masked_patches:", "min_masked_per_block:", "crop: center_square", "tokenizer:")),
     "beyond_masking": ("BeyondMasking", ("objective:", "class_token: false", "pos_embed: sincos_1d", "qkv_bias: qv",
                                          "init: clipped_normal", "min_lr: 1.0e-05", "knn:")),
 }
