@@ -17,6 +17,7 @@ METHODS = {cls.__name__: cls for cls in ALL_METHODS}
 
 
 def test_every_method_is_checked():
+    assert set(METHODS) == {"BEiT", "BeyondMasking", "LUT", "MAE", "MaPeT", "SimMIM", "SymMIM"}
     classes = {name: getattr(methods, name) for name in methods.__all__}
     concrete = {name for name, cls in classes.items()
                 if inspect.isclass(cls) and issubclass(cls, methods.MIMMethod) and not inspect.isabstract(cls)}

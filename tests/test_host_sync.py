@@ -126,3 +126,7 @@ def fit_raising_on_cuda_sync(model: L.LightningModule) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.global_step == 8
+
+
+def test_every_method_is_checked():
+    assert {cls.__name__ for cls in METHODS} == {"BEiT", "BeyondMasking", "LUT", "MAE", "MaPeT", "SimMIM", "SymMIM"}

@@ -6,6 +6,7 @@ checkpoint's copy. It always runs in eval mode, under `torch.no_grad`, and its f
 """
 from __future__ import annotations
 
+import abc
 import importlib
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -92,7 +93,7 @@ class TokenizerConfig:
         return asdict(self)
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(nn.Module, abc.ABC):
     """Base class: frozen, always in eval mode. Subclasses set `vocab_size`, `input_size`, `grid_size`, `in_chans`
     and implement `encode` ((B, in_chans, S, S) in [0, 1] -> (B, h, w) int64)."""
 
@@ -133,8 +134,9 @@ class Tokenizer(nn.Module):
         self.check_input(images)
         return self.encode(images.float())
 
+    @abc.abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, h, w) int64 ids of checked float [0, 1] images, under no_grad."""
 
     def autocast(self, device_type: str) -> torch.autocast:
         """The extractor's precision: autocast to `compute_dtype`, or autocast off (float32)."""

@@ -12,6 +12,7 @@ was made (`CODEBOOK_FORMAT`).
 """
 from __future__ import annotations
 
+import abc
 import json
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(nn.Module, abc.ABC):
     """[0, 1] images -> (B, h, w, d) features. Normalises its input with `mean` / `std` (buffers) when given."""
 
     def __init__(self, in_chans: int, dim: int, reduction: int, mean: tuple[float, ...] | None = None,
@@ -53,8 +54,9 @@ class FeatureExtractor(nn.Module):
             images = (images - self.mean) / self.std
         return self.features(images)
 
+    @abc.abstractmethod
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, h, w, D) features of the (normalised) [0, 1] images."""
 
 
 class PatchPixels(FeatureExtractor):

@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from lightning_mim.augment import grayscale
 from lightning_mim.reliability import check_vocabulary
 from lightning_mim.targets import TokenizerConfig, build_tokenizer
 
@@ -131,10 +132,8 @@ class TokenTargets(nn.Module):
         shape = (1, -1, 1, 1)
         mean, std = self.stats(images.shape[1])
         pixels = images.float() * images.new_tensor(std).view(shape) + images.new_tensor(mean).view(shape)
-        if pixels.shape[1] == 3 and self.in_chans == 1:  # PIL's "L" conversion, as in the training views
-            pixels = (pixels * pixels.new_tensor([0.299, 0.587, 0.114]).view(shape)).sum(dim=1, keepdim=True)
-        elif pixels.shape[1] == 1 and self.in_chans == 3:
-            pixels = pixels.expand(-1, 3, -1, -1)
+        if pixels.shape[1] != self.in_chans:  # luma, as PIL's "L" conversion of the training views
+            pixels = grayscale(pixels, self.in_chans)
         size = self.input_size
         if size != pixels.shape[-1]:
             pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
