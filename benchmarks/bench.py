@@ -37,7 +37,7 @@ from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
 from lightning_mim.data.sources import decode_to_tensor
 from lightning_mim.methods import MIMMethod
-from lightning_mim.targets.kmeans import save_codebook
+from lightning_mim.targets.kmeans import random_pixel_codebook
 
 CPU_TARGET_RATIO = 0.5
 FLOP_COUNT_BATCH = 2  # >= 2: BatchNorm in train mode (LUT heads) needs two samples
@@ -215,16 +215,10 @@ def build_method(cls: type[MIMMethod], args: argparse.Namespace) -> MIMMethod:
 
 
 def bench_codebook(img_size: int, patch_size: int, vocab_size: int = 8192, in_chans: int = 3) -> Path:
-    """A k-means codebook over normalised pixel patches with random centroids, written once per setting."""
-    dim = patch_size * patch_size * in_chans
-    path = Path(tempfile.gettempdir()) / "lightning_mim_bench" / f"pixels_p{patch_size}_{img_size}px_v{vocab_size}.st"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        centroids = torch.randn(vocab_size, dim, generator=torch.Generator().manual_seed(0))
-        save_codebook(centroids, path, {"kind": "kmeans", "features": "pixels", "weights": None, "dim": dim,
-                                        "patch_size": patch_size, "input_size": img_size, "in_chans": in_chans,
-                                        "vocab_size": vocab_size})
-    return path
+    """A pixel codebook of random centroids for the benchmark's size, written once per setting."""
+    return random_pixel_codebook(Path(tempfile.gettempdir()) / "lightning_mim_bench" /
+                                 f"pixels_p{patch_size}_{img_size}px_v{vocab_size}.st",
+                                 patch_size, img_size, in_chans, vocab_size)
 
 
 def example_views(method: MIMMethod, batch: int, device: torch.device) -> Any:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from lightning_mim.methods import BEiT, BeyondMasking, LUT, MAE, MaPeT, MIMMethod, SimMIM, SymMIM
-from lightning_mim.targets.kmeans import save_codebook
+from lightning_mim.targets.kmeans import random_pixel_codebook
 
 MAE_DECODER = {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
 MICRO_HEADS: dict[type, dict[str, Any]] = {
@@ -35,14 +35,9 @@ def micro_cli_model(method: str = "MAE", img_size: int = 32) -> list[str]:
 
 def micro_codebook(img_size: int, in_chans: int = 3, vocab_size: int = 16) -> Path:
     """A k-means codebook over normalised 4-px pixel patches with random centroids, written once per setting."""
-    path = Path(tempfile.gettempdir()) / "lightning_mim_tests" / f"pixels_p4_{img_size}px_c{in_chans}_v{vocab_size}.st"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        centroids = torch.randn(vocab_size, 16 * in_chans, generator=torch.Generator().manual_seed(0))
-        save_codebook(centroids, path, {"kind": "kmeans", "features": "pixels", "weights": None, "patch_size": 4,
-                                        "input_size": img_size, "in_chans": in_chans, "vocab_size": vocab_size,
-                                        "dim": 16 * in_chans})
-    return path
+    return random_pixel_codebook(Path(tempfile.gettempdir()) / "lightning_mim_tests" /
+                                 f"pixels_p4_{img_size}px_c{in_chans}_v{vocab_size}.st", 4, img_size, in_chans,
+                                 vocab_size)
 
 
 def micro_method(method: type[MIMMethod], img_size: int = 16, **kwargs: Any) -> MIMMethod:

@@ -207,6 +207,21 @@ def save_codebook(centroids: torch.Tensor, path: str | Path, metadata: dict[str,
     return path
 
 
+def random_pixel_codebook(path: str | Path, patch_size: int, input_size: int, in_chans: int, vocab_size: int,
+                          seed: int = 0) -> Path:
+    """A pixel codebook of N(0, 1) centroids (written once per path): a real k-means tokenizer's cost and shapes
+    without fitting one, for benchmarks and tests."""
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dim = patch_size * patch_size * in_chans
+        centroids = torch.randn(vocab_size, dim, generator=torch.Generator().manual_seed(seed))
+        save_codebook(centroids, path, {"kind": "kmeans", "features": "pixels", "weights": None, "dim": dim,
+                                        "patch_size": patch_size, "input_size": input_size, "in_chans": in_chans,
+                                        "vocab_size": vocab_size})
+    return path
+
+
 def fit_command_hint(config: TokenizerConfig) -> str:
     """The `tokenizer fit` command that writes the codebook `config` asks for (on Fashion-MNIST, the CLI default)."""
     options = {"--features": config.features, "--weights": config.weights, "--patch-size": config.patch_size,
