@@ -14,6 +14,8 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from lightning_mim.cli import main as cli_main
 from lightning_mim.cli import run_cli
 from lightning_mim.reliability import safe_load
 from lightning_mim.reproduce import driver
-from lightning_mim.reproduce.driver import main as reproduce, main_compare as compare, plan_paper
+from lightning_mim.reproduce.driver import main as reproduce, main_compare as compare, plan_compare, plan_paper
 from lightning_mim.reproduce.papers import PAPERS
 from lightning_mim.reproduce.presets import Setup
 from lightning_mim.reproduce.tables import paper_cell
@@ -64,7 +66,7 @@ def smoke_lut(tmp_path_factory):
 def test_smoke_preset_runs_the_paper_and_writes_its_table(smoke_lut):
     plan, printed, _ = smoke_lut
     assert [run.key for run in plan.runs] == ["mae", "lut"]
-    with (plan.out / "results.csv").open() as handle:
+    with (plan.store / "results.csv").open() as handle:
         evaluated = {(row["run"].split("/")[0], row["protocol"]): row["top1"] for row in csv.DictReader(handle)}
     assert set(evaluated) == {(row, protocol) for row in ("mae", "lut") for protocol in ("knn", "linear")}
 
@@ -89,13 +91,13 @@ def test_smoke_preset_runs_the_paper_and_writes_its_table(smoke_lut):
     with (plan.out / "table.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(records) == 3 * (1 + 3)
 
-    # TensorBoard: one run per row under <out>/<row>/<fingerprint>, with the final metrics in the HParams tab
+    # TensorBoard: one run per row under <out>/<preset>/<row>/<fingerprint>, with the final metrics in the HParams tab
     for run in plan.runs:
         summaries = {value.tag for events in run.run_dir.glob("events.out.tfevents.*")
                      for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
         assert {"train/loss", "train/throughput_img_s", "reproduce/knn_top1", "reproduce/linear_top1",
                 "_hparams_/experiment", "_hparams_/session_start_info"} <= summaries
-        assert run.run_dir.parent == plan.out / run.key
+        assert run.run_dir.parent == plan.store / run.key and plan.out == plan.store / "lut"
 
 
 def test_interrupted_pretraining_resumes_from_its_last_checkpoint(smoke_lut):
@@ -108,13 +110,13 @@ def test_interrupted_pretraining_resumes_from_its_last_checkpoint(smoke_lut):
 
 def test_rerun_skips_every_stage(smoke_lut, monkeypatch):
     plan, _, _ = smoke_lut
-    state_before = (plan.out / "state.json").read_text()
+    state_before = (plan.store / "state.json").read_text()
     table_before = (plan.out / "table.md").read_text()
-    monkeypatch.setattr(driver, "execute", lambda stage: pytest.fail(f"{stage.key} ran again"))
+    monkeypatch.setattr(driver, "execute", lambda stage, env: pytest.fail(f"{stage.key} ran again"))
     _, printed = quiet(reproduce, ["lut", "--preset", "smoke", "--out", str(plan.out.parents[1])])
     stages = [stage.key for run in plan.runs for stage in run.stages]
     assert re.findall(r"^\[done\] (\S+(?: \S+)?) \(", printed, re.MULTILINE) == stages
-    assert (plan.out / "state.json").read_text() == state_before  # nor are the HParams logged twice
+    assert (plan.store / "state.json").read_text() == state_before  # nor are the HParams logged twice
     assert (plan.out / "table.md").read_text() == table_before
 
 
@@ -128,14 +130,14 @@ def dry_run(out: Path, *words: str) -> tuple[list[str], list[str]]:
 def test_changed_configuration_reruns_only_what_it_changes(smoke_lut):
     plan, _, _ = smoke_lut
     out = plan.out.parents[1]
-    state_before = (plan.out / "state.json").read_text()
+    state_before = (plan.store / "state.json").read_text()
     assert dry_run(out, "--eval-args", "--k 10") == (
         ["mae/evaluate knn,linear", "lut/evaluate knn,linear"], ["mae/pretrain", "lut/pretrain"])
     assert dry_run(out, "--fit-args", "--trainer.max_steps 7", "--rows", "lut") == (
         ["lut/pretrain", "lut/evaluate knn,linear"], [])
     changed = plan_paper(PAPERS["lut"], Setup("smoke", fit_args=("--trainer.max_steps", "7")), out).runs[1]
     assert changed.run_dir != plan.runs[1].run_dir  # a new run folder: the finished run stays as it is
-    assert (plan.out / "state.json").read_text() == state_before  # dry runs write nothing
+    assert (plan.store / "state.json").read_text() == state_before  # dry runs write nothing
 
 
 def test_failed_stage_stops_the_paper_with_its_log_and_keeps_finished_stages(smoke_lut):
@@ -148,7 +150,7 @@ def test_failed_stage_stops_the_paper_with_its_log_and_keeps_finished_stages(smo
     assert message.startswith("lightning-mim reproduce: stage mae/pretrain failed (exit 1); its log: ")
     log = Path(message.split("its log: ")[1].split(". ")[0])
     assert log.resolve() == failed.pretrain.log.resolve() and "mask_ratio" in log.read_text()
-    state = json.loads((plan.out / "state.json").read_text())
+    state = json.loads((plan.store / "state.json").read_text())
     assert state["mae/pretrain"][failed.pretrain.fingerprint]["status"] == "failed"
     assert not not_started.run_dir.exists() and "lut/pretrain" not in message  # the paper stopped at MAE
     for run in plan.runs:  # the finished stages are as they were
@@ -206,9 +208,21 @@ def test_beyond_masking_dry_run_has_one_row_per_objective_at_batch_2048():
         batch, accumulation, lr = fit_layout(words)
         assert (int(env["GPUS_PER_NODE"]) * int(env["NNODES"]) * batch * accumulation, batch) == (2048, 128)
         assert lr == pytest.approx(1.2e-3)  # 1.5e-4 x 2048 / 256
-    demo = plan_paper(PAPERS["beyond_masking"], Setup("demo"), Path("runs")).runs
-    assert [run.key for run in demo] == ["beyondmasking"]
-    assert paper_cell(demo[0], "finetune").startswith("ViT-B/16 (a)+(m) 83.2; ViT-B/16 (m) 82.9; ViT-B/16 (a) 82.7")
+    plan = plan_paper(PAPERS["beyond_masking"], Setup("demo"), Path("runs"))
+    demo = {run.key: run for run in plan.runs}  # one demo row per objective but de-colourisation (grey data)
+    assert list(demo) == [f"bm_{objective}" for objective in (
+        "zoom_in_masking", "masking", "zoom_in", "zoom_out", "distortion", "blur")]
+    assert [paper_cell(run, "finetune") for run in demo.values()] == ["83.2", "82.9", "82.7", "82.5", "82.1", "81.8"]
+    assert any(note.startswith("bm_decolorize: no demo row: Fashion-MNIST is grey") for note in plan.notes)
+
+    def option(run, name: str) -> str:
+        return run.pretrain.command[run.pretrain.command.index(name) + 1]
+
+    # the 28-px demo recipes at the demo's 32 px: zoom-in's view 288 / 224 of the crop, zoom-out's image 160 / 224
+    assert [option(demo[key], "--model.backbone.img_size") for key in demo] == ["32"] * 6
+    assert (option(demo["bm_zoom_in"], "--model.zoom_in_margin"), option(demo["bm_zoom_out"], "--model.zoom_out_size"),
+            option(demo["bm_zoom_in_masking"], "--model.zoom_in_margin")) == ("5", "23", "5")
+    assert all(option(run, "--trainer.max_steps") == "300" for run in demo.values())
 
 
 def test_webdataset_data_and_bad_input(tmp_path):
@@ -239,19 +253,38 @@ def test_webdataset_data_and_bad_input(tmp_path):
     assert "SLURM=1 applies to PRESET=paper only" in error("--slurm")
 
 
+COMPARED = ["mae", "simmim", "lut", "symmim", "beit", "mapet", "bm_zoom_in_masking", "bm_masking", "bm_zoom_in",
+            "bm_zoom_out", "bm_distortion", "bm_blur"]
+
+
 def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accuracy(tmp_path):
     _, printed = quiet(cli_main, ["compare", "--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
-    assert re.findall(r"^\[dry run\] (\w+)/pretrain", printed, re.MULTILINE) == ["mae", "simmim", "lut", "symmim"]
+    assert re.findall(r"^\[dry run\] (\w+)/pretrain", printed, re.MULTILINE) == COMPARED
     plan, _ = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
-    assert [run.method for run in plan.runs] == ["MAE", "SimMIM", "LUT", "SymMIM"]
+    assert [run.method for run in plan.runs] == ["MAE", "SimMIM", "LUT", "SymMIM", "BEiT", "MaPeT", *["BeyondMasking"] * 6]
     # after each method's recipe, the same arguments (budget, data, evaluation-free training settings) for all
     after_recipe = {tuple(command[len(command) - command[::-1].index("--config") + 1:
-                                  command.index("--trainer.logger.init_args.save_dir")])
+                                  command.index("--model.backbone.img_size")])
                     for command in (run.pretrain.command for run in plan.runs)}
     assert len(after_recipe) == 1 and "--trainer.max_steps" in next(iter(after_recipe))
-    assert len({tuple(run.stages[1].command[run.stages[1].command.index("--protocols"):]) for run in plan.runs}) == 1
+    assert len({tuple(run.stages[-1].command[run.stages[-1].command.index("--protocols"):])
+                for run in plan.runs}) == 1
     assert all(run.pretrain.command[run.pretrain.command.index("--model.backbone.img_size") + 1] == "32"
                for run in plan.runs)
+    # a run that a paper's table and compare both hold is one run: same stages, same folder
+    demo_compare = {run.key: run for run in plan_compare(Setup("demo"), tmp_path).runs}
+    for paper in PAPERS.values():
+        for run in plan_paper(paper, Setup("demo"), tmp_path).runs:
+            assert [(stage.key, stage.fingerprint) for stage in run.stages] == [
+                (stage.key, stage.fingerprint) for stage in demo_compare[run.key].stages]
+            assert run.run_dir == demo_compare[run.key].run_dir
+    paper_scale = plan_compare(Setup("paper", "/data/imagenet"), tmp_path).runs
+    recipes = [[Path(words[index + 1]) for index, word in enumerate(words) if word == "--config"][-1]
+               for words in (run.pretrain.command for run in paper_scale)]
+    assert [f"{recipe.parent.name}/{recipe.stem}" for recipe in recipes] == [
+        "mae/vit_b16_1600ep_in1k", "simmim/vit_b16_800ep_in1k", "lut/vit_b16_1600ep_in1k", "symmim/vit_b16_800ep_in1k",
+        "beit/vit_b16_300ep_in1k_vqkd", "mapet/vit_b16_300ep_in1k_vqkd",
+        *(f"beyond_masking/vit_b16_300ep_in1k_{key[3:]}" for key in COMPARED[6:])]
 
     plan, _ = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--rows", "mae"])
     saved = (plan.runs[0].run_dir / "config.yaml").read_text()
@@ -264,6 +297,37 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
     assert 0 <= float(mae["k-NN top-1"]) <= 100 and float(mae["pre-train wall-clock h"]) > 0
     with Image.open(plan.out / "compare.png") as plot:
         assert plot.format == "PNG" and plot.size == (840, 540)
+
+
+def test_jobs_run_rows_at_once_and_a_shared_stage_once(tmp_path, monkeypatch):
+    """Two token rows at once: the codebook both read is fitted once, before either pre-training; each process gets
+    its share of the CPU threads; state.json keeps every row's records."""
+    executed: list[tuple[str, str | None]] = []
+    lock = threading.Lock()
+
+    def fake_execute(stage, env):
+        with lock:
+            executed.append((stage.key, env.get("OMP_NUM_THREADS")))
+        time.sleep(0.05)
+        return 0
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(driver, "execute", fake_execute)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    plan = plan_compare(Setup("smoke"), tmp_path, ["beit", "mapet"])
+    quiet(driver.run_plan, plan, False, 2)
+    keys = [key for key, _ in executed]
+    assert keys.count("tokenizer/fmnist_pixels_4_32_512") == 1 and keys[0] == "tokenizer/fmnist_pixels_4_32_512"
+    assert sorted(keys[1:]) == sorted(stage.key for run in plan.runs for stage in run.stages[1:])
+    assert {threads for _, threads in executed} == {"4"}
+    state = driver.State(plan.store / "state.json")
+    assert all(state.done(stage.key, stage.fingerprint) for run in plan.runs for stage in run.stages)
+    with pytest.raises(SystemExit, match="JOBS must be at least 1"):
+        quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--jobs", "0"])
+    with pytest.raises(SystemExit, match="STEPS sets the demo budget"):
+        quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--steps", "50"])
+    demo = plan_compare(Setup("demo", steps=50), tmp_path, ["mae"]).runs[0].pretrain.command
+    assert demo[demo.index("--trainer.max_steps") + 1] == "50"
 
 
 def test_mapet_dry_run_runs_every_row_at_batch_2048_and_fits_the_demo_codebook_first():
@@ -282,10 +346,15 @@ def test_mapet_dry_run_runs_every_row_at_batch_2048_and_fits_the_demo_codebook_f
     assert [run.key for run in demo] == ["beit", "mapet"]
     for run in demo:  # the shared codebook is fitted before the pre-training that reads it
         fit, pretrain = run.stages[0], run.pretrain
-        assert fit.key == "tokenizer/fmnist_pixels_4_28_512"
+        assert fit.key == "tokenizer/fmnist_pixels_4_32_512"
+        assert fit.command[fit.command.index("--input-size") + 1] == "32"
+        assert pretrain.command[pretrain.command.index("--model.tokenizer.input_size") + 1] == "32"
         assert fit.command[fit.command.index("tokenizer") + 1] == "fit"
         codebook = fit.command[fit.command.index("fit") + 1]
         assert pretrain.command[pretrain.command.index("--model.tokenizer.path") + 1] == codebook
     assert demo[0].stages[0].fingerprint == demo[1].stages[0].fingerprint
+    beit = demo[0].pretrain.command  # 75 of 196 patches in blocks of >= 16 -> 24 of 64 in blocks of >= 5
+    assert [beit[beit.index(name) + 1] for name in ("--model.num_masked_patches", "--model.min_masked_per_block")] == [
+        "24", "5"]
     assert paper_cell(demo[1], "finetune").split("; ") == [
         f"ViT-{size}/16 {name} unknown" for name in ("VQ-KD", "k-CLIP") for size in "TSB"]

@@ -5,10 +5,12 @@
     lightning-mim reproduce all --preset smoke
 
 Each row is one pre-training (`lightning-mim fit` with the row's recipe composed with the preset's trainer and data)
-followed by its evaluations (`lightning-mim evaluate`), each a subprocess with its own log. Outputs go to
-`<out>/<preset>/<paper>/`: `state.json` (every stage's fingerprint, status and wall-clock seconds), `results.csv` /
-`results.md` (evaluate's rows), `table.md` / `table.csv` / `table.json` (the paper's numbers beside this run's), and
-per row `<row>/<fingerprint>/`: the TensorBoard run, `checkpoints/`, and the stage logs.
+followed by its evaluations (`lightning-mim evaluate`), each a subprocess with its own log; `--jobs N` runs N rows at
+once, each process with its share of the CPU threads. Every paper of a preset, and `compare`, share one folder
+`<out>/<preset>/`: `state.json` (every stage's fingerprint, status and wall-clock seconds), `results.csv` /
+`results.md` (evaluate's rows), per row `<row>/<fingerprint>/` (the TensorBoard run, `checkpoints/`, the stage logs),
+so a run that two tables hold (MAE in LUT's table and in `compare`) trains once. Each table is written to
+`<out>/<preset>/<paper>/`: `table.md` / `table.csv` / `table.json` (the paper's numbers beside this run's).
 
 A stage is skipped when state.json records it done with the same fingerprint: the sha1 of its arguments, with every
 configuration file taken by its content, and of the stage it follows. A changed recipe therefore reruns its
@@ -19,21 +21,28 @@ a failed stage stops the paper with its log path and leaves the finished stages 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_mim.eval.evaluate import PROTOCOLS
-from lightning_mim.reproduce.papers import COMPARE_ROWS, DEMO_CODEBOOKS, DEMO_RECIPES, PAPERS, Paper, Row
+from lightning_mim.reproduce.papers import (
+    COMPARE_ROWS, DEMO_CODEBOOK, DEMO_IMG_SIZE, DEMO_ROWS, PAPERS, DemoRow, Paper, Row,
+)
 from lightning_mim.reproduce.presets import (
-    EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
+    DEMO_STEPS, EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
     torchrun_command,
 )
 
@@ -41,8 +50,6 @@ LOG_TAIL_LINES = 15
 # One evaluation for every method in `compare` at paper scale: MAE's linear-probe and fine-tuning recipes.
 COMPARE_LINEAR = "configs/eval/linear_mae_vit_b16_in1k.yaml"
 COMPARE_FINETUNE = "configs/eval/finetune_mae_vit_b16_in1k.yaml"
-# Compare at demo and smoke scale runs every method at 32 px: the SimMIM / SymMIM masks need the 8 x 8 patch grid.
-COMPARE_IMG_SIZE = 32
 
 
 @dataclass
@@ -86,12 +93,14 @@ class PlannedRun:
 
 @dataclass
 class Plan:
-    """A paper's (or the comparison's) rows, where they write, and the notes its table carries."""
+    """A paper's (or the comparison's) rows, the notes its table carries, where its table goes (`out`) and the
+    preset's folder its runs, state and results share (`store`)."""
 
     name: str
     title: str
     setup: Setup
     out: Path
+    store: Path
     notes: list[str]
     runs: list[PlannedRun]
 
@@ -106,11 +115,28 @@ class Plan:
 class State:
     """`state.json`: per stage key and fingerprint, the status of its last attempt (running, done, failed), its log,
     its attempts and their summed wall-clock seconds. Every fingerprint keeps its own record, so a changed
-    configuration that fails, or is reverted, leaves the record of the finished one as it was."""
+    configuration that fails, or is reverted, leaves the record of the finished one as it was. Each change is read,
+    made and written under a lock, so rows running at once, and a `reproduce` and a `compare` sharing the folder,
+    keep each other's records."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.stages: dict[str, dict[str, dict]] = json.loads(path.read_text()) if path.is_file() else {}
+        self.lock = threading.Lock()
+
+    @property
+    def stages(self) -> dict[str, dict[str, dict]]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @contextmanager
+    def update(self) -> Iterator[dict[str, dict[str, dict]]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock, self.path.with_suffix(".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stages = self.stages
+            yield stages
+            partial = self.path.with_suffix(".json.partial")
+            partial.write_text(json.dumps(stages, indent=1, sort_keys=True) + "\n")
+            partial.replace(self.path)
 
     def get(self, key: str, fingerprint: str) -> dict | None:
         return self.stages.get(key, {}).get(fingerprint)
@@ -120,31 +146,25 @@ class State:
         return record is not None and record["status"] == "done"
 
     def start(self, stage: Stage) -> None:
-        previous = self.get(stage.key, stage.fingerprint) or {"attempts": 0, "seconds": 0.0}
-        self.stages.setdefault(stage.key, {})[stage.fingerprint] = {
-            "status": "running", "log": shown(stage.log), "attempts": previous["attempts"] + 1,
-            "seconds": previous["seconds"]}
-        self.save()
+        with self.update() as stages:
+            previous = stages.get(stage.key, {}).get(stage.fingerprint) or {"attempts": 0, "seconds": 0.0}
+            stages.setdefault(stage.key, {})[stage.fingerprint] = {
+                "status": "running", "log": shown(stage.log), "attempts": previous["attempts"] + 1,
+                "seconds": previous["seconds"]}
 
     def finish(self, stage: Stage, status: str, seconds: float) -> None:
-        record = self.stages[stage.key][stage.fingerprint]
-        record["status"] = status
-        record["seconds"] += seconds
-        self.save()
+        with self.update() as stages:
+            record = stages[stage.key][stage.fingerprint]
+            record["status"] = status
+            record["seconds"] += seconds
 
     def record(self, key: str, fingerprint: str) -> None:
         """An in-process stage (logging to TensorBoard) as done."""
-        self.stages.setdefault(key, {})[fingerprint] = {"status": "done", "attempts": 1, "seconds": 0.0}
-        self.save()
+        with self.update() as stages:
+            stages.setdefault(key, {})[fingerprint] = {"status": "done", "attempts": 1, "seconds": 0.0}
 
     def seconds(self, stage: Stage) -> float:
         return self.stages[stage.key][stage.fingerprint]["seconds"]
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(self.stages, indent=1, sort_keys=True) + "\n")
-        partial.replace(self.path)
 
 
 def fingerprint(words: Sequence[str], *upstream: str) -> str:
@@ -160,7 +180,7 @@ def cli_command(*words: str) -> list[str]:
     return [sys.executable, "-m", "lightning_mim.cli", *words]
 
 
-def plan_run(setup: Setup, out: Path, key: str, method: str, recipe: str, backbone: str,
+def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, backbone: str,
              references: tuple[Row, ...], effective_batch: int | None, specs: list[EvalSpec],
              extra_fit: Sequence[str] = ()) -> PlannedRun:
     """A row's stages: the pre-training (through torchrun or sbatch at paper scale) and one evaluate per spec."""
@@ -169,8 +189,8 @@ def plan_run(setup: Setup, out: Path, key: str, method: str, recipe: str, backbo
         description += f"; torchrun: run the same command on nodes 1..{setup.nodes - 1} with their NODE_RANK"
     fit_args += [*extra_fit, "--trainer.enable_progress_bar", "false", *setup.fit_args]
     pretrain_fingerprint = fingerprint([*fit_args, f"devices={setup.devices}"])
-    run_dir = out / key / pretrain_fingerprint
-    fit_args += ["--trainer.logger.init_args.save_dir", shown(out), "--trainer.logger.init_args.name", key,
+    run_dir = store / key / pretrain_fingerprint
+    fit_args += ["--trainer.logger.init_args.save_dir", shown(store), "--trainer.logger.init_args.name", key,
                  "--trainer.logger.init_args.version", pretrain_fingerprint,
                  "--trainer.logger.init_args.default_hp_metric", "false",
                  "--checkpoint.dirpath", shown(run_dir / "checkpoints")]
@@ -188,7 +208,7 @@ def plan_run(setup: Setup, out: Path, key: str, method: str, recipe: str, backbo
     for spec in specs:
         words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args]
         log = run_dir / f"evaluate-{spec.protocols.replace(',', '+')}.log"
-        command = cli_command("evaluate", "--ckpt", shown(checkpoint), "--results", shown(out), *words)
+        command = cli_command("evaluate", "--ckpt", shown(checkpoint), "--results", shown(store), *words)
         if setup.slurm:
             command = sbatch_wrap(command, spec.devices, log, f"{key}-evaluate")
         stages.append(Stage(f"{key}/evaluate {spec.protocols}", command,
@@ -197,34 +217,29 @@ def plan_run(setup: Setup, out: Path, key: str, method: str, recipe: str, backbo
     return PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages)
 
 
-def codebook_path(out: Path, method: str) -> Path:
-    return out / "codebooks" / ("fmnist_" + "_".join(DEMO_CODEBOOKS[method][1::2]) + ".safetensors")
+def codebook_path(store: Path) -> Path:
+    return store / "codebooks" / ("fmnist_" + "_".join(DEMO_CODEBOOK[1::2]) + ".safetensors")
 
 
-def codebook_fit_args(setup: Setup, out: Path, method: str) -> list[str]:
-    """A token method's demo pre-training reads the codebook its tokenizer-fit stage writes."""
-    return ["--model.tokenizer.path", shown(codebook_path(out, method))] if method in DEMO_CODEBOOKS else []
-
-
-def with_codebook(run: PlannedRun, setup: Setup, out: Path) -> PlannedRun:
-    """Put the `tokenizer fit` stage of a token method's demo codebook before its pre-training: one stage key per
-    codebook, so rows sharing it fit it once. The codebook's file name holds its settings, so a changed setting
-    changes the pre-training's arguments and re-runs it."""
-    if run.method not in DEMO_CODEBOOKS:
-        return run
-    path = codebook_path(out, run.method)
-    words = [str(shown(path)), *DEMO_CODEBOOKS[run.method], "--source", "fashion_mnist",
-             *(("--data-dir", setup.data) if setup.data else ()), *(("--max-images", "2000")
-                                                                   if setup.preset == "smoke" else ())]
-    fit = Stage(f"tokenizer/{path.stem}", cli_command("tokenizer", "fit", *words), fingerprint(words),
-                out / "codebooks" / f"{path.stem}.log")
-    run.stages.insert(0, fit)
+def demo_run(setup: Setup, store: Path, demo: DemoRow, references: tuple[Row, ...] = ()) -> PlannedRun:
+    """A method's demo (or smoke) row at the demo image size; a token method's first stage fits the demo codebook
+    (one stage key for every row that reads it, so it is fitted once; its file name holds its settings, so a changed
+    setting changes the pre-training's arguments and re-runs it)."""
+    path = codebook_path(store)
+    extra = [*demo.size_args, *(("--model.tokenizer.path", shown(path)) if demo.codebook else ())]
+    run = plan_run(setup, store, demo.key, demo.method, demo.recipe, demo_backbone(setup), references, None,
+                   evaluations(setup, None), extra)
+    if demo.codebook:
+        words = [shown(path), *DEMO_CODEBOOK, "--source", "fashion_mnist",
+                 *(("--data-dir", setup.data) if setup.data else ()),
+                 *(("--max-images", "2000") if setup.preset == "smoke" else ())]
+        run.stages.insert(0, Stage(f"tokenizer/{path.stem}", cli_command("tokenizer", "fit", *words),
+                                   fingerprint(words), store / "codebooks" / f"{path.stem}.log"))
     return run
 
 
-def demo_backbone(setup: Setup, img_size: int | None = None) -> str:
-    size = f", {img_size} px" if img_size else ""
-    return f"ViT micro/4{size}, {'synthetic' if setup.preset == 'smoke' else 'Fashion-MNIST'}"
+def demo_backbone(setup: Setup) -> str:
+    return f"ViT micro/4, {DEMO_IMG_SIZE} px, {'synthetic' if setup.preset == 'smoke' else 'Fashion-MNIST'}"
 
 
 def select(runs: list[PlannedRun], rows: Sequence[str] | None) -> list[PlannedRun]:
@@ -243,8 +258,8 @@ def preset_note(setup: Setup) -> str:
                 f"its paper's effective batch.")
     else:
         scale = ("PRESET=smoke: synthetic images, 6 steps; a test of the pipeline" if setup.preset == "smoke" else
-                 "PRESET=demo: Fashion-MNIST, micro ViT (128 wide, 4 deep, patch 4), the demo recipes' 1,000 steps "
-                 "of batch 256 on the CPU")
+                 f"PRESET=demo: Fashion-MNIST at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, 4 deep, "
+                 f"patch 4), each method's demo recipe for {setup.demo_steps} steps of batch 256 on the CPU")
         note = f"{scale}. These are NOT paper numbers and are not comparable with the paper's ImageNet-1k numbers."
     for name, words in (("FIT_ARGS", setup.fit_args), ("EVAL_ARGS", setup.eval_args)):
         if words:
@@ -253,50 +268,48 @@ def preset_note(setup: Setup) -> str:
 
 
 def plan_paper(paper: Paper, setup: Setup, out_root: Path, rows: Sequence[str] | None = None) -> Plan:
-    out = out_root / setup.preset / paper.key
-    if setup.preset == "paper":
-        runs = [plan_run(setup, out, row.key, row.method, row.recipe, row.backbone, (row,), row.effective_batch,
-                         evaluations(setup, row.finetune_recipe)) for row in paper.rows]
-    else:
-        runs = [with_codebook(plan_run(setup, out, method.lower(), method, DEMO_RECIPES[method], demo_backbone(setup),
-                                       tuple(row for row in paper.rows if row.method == method), None,
-                                       evaluations(setup, None), codebook_fit_args(setup, out, method)),
-                              setup, out)
-                for method in paper.methods]
+    store = out_root / setup.preset
     notes = [preset_note(setup), f"Paper columns: ImageNet-1k top-1 (%) as ../shared/methods/{paper.key}.md reports "
                                  f"it; unknown: the spec has no such number."]
+    if setup.preset == "paper":
+        runs = [plan_run(setup, store, row.key, row.method, row.recipe, row.backbone, (row,), row.effective_batch,
+                         evaluations(setup, row.finetune_recipe)) for row in paper.rows]
+    else:
+        runs = [demo_run(setup, store, DEMO_ROWS[key], tuple(row for row in paper.rows if row.demo_key == key))
+                for key in paper.demo_keys]
+        notes += [f"{row.key}: no demo row: Fashion-MNIST is grey, and {row.backbone} needs colour input"
+                  for row in paper.rows if row.demo_key not in DEMO_ROWS]
     notes += [f"{row.key}: {row.note}" for row in paper.rows if row.note]
-    return Plan(paper.key, paper.title, setup, out, notes, select(runs, rows))
+    return Plan(paper.key, paper.title, setup, store / paper.key, store, notes, select(runs, rows))
 
 
 def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None, epochs: int = 800) -> Plan:
     """Every method that exists under one budget, one backbone, one data pipeline and one evaluation."""
-    out = out_root / setup.preset / "compare"
+    store = out_root / setup.preset
     if setup.preset == "paper":
         specs = evaluations(setup, COMPARE_FINETUNE, COMPARE_LINEAR)
-        runs = [plan_run(setup, out, row.method.lower(), row.method, row.recipe, row.backbone, (), row.effective_batch,
-                         specs, ["--trainer.max_epochs", str(epochs)]) for row in COMPARE_ROWS]
-        budget = (f"ViT-B/16 at 224 px, each method's paper recipe and effective batch for {epochs} epochs; one "
-                  f"evaluation: k-NN, MAE's linear-probe and fine-tuning recipes")
+        runs = [plan_run(setup, store, f"compare_{key}", row.method, row.recipe, row.backbone, (),
+                         row.effective_batch, specs, ["--trainer.max_epochs", str(epochs)])
+                for key, row in COMPARE_ROWS.items()]
+        budget = (f"ViT-B/16 at 224 px, each method's paper recipe and effective batch for {epochs} epochs (the token "
+                  f"methods with the VQ-KD tokenizer); one evaluation: k-NN, MAE's linear-probe and fine-tuning "
+                  f"recipes")
     else:
-        specs = evaluations(setup, None)
-        runs = [plan_run(setup, out, row.method.lower(), row.method, DEMO_RECIPES[row.method],
-                         demo_backbone(setup, COMPARE_IMG_SIZE), (), None, specs,
-                         ["--model.backbone.img_size", str(COMPARE_IMG_SIZE)]) for row in COMPARE_ROWS]
-        budget = (f"every method at {COMPARE_IMG_SIZE} x {COMPARE_IMG_SIZE} px (the SimMIM / SymMIM masks need an "
-                  f"8 x 8 patch grid; MAE and LUT run with --model.backbone.img_size {COMPARE_IMG_SIZE}), its demo "
-                  f"recipe with the same budget, data and evaluation")
+        runs = [demo_run(setup, store, demo) for demo in DEMO_ROWS.values()]
+        budget = (f"every method at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px (the SimMIM / SymMIM masks need an 8 x 8 "
+                  f"patch grid), its demo recipe with the same budget, data and evaluation; the same runs as the "
+                  f"papers' demo tables. Beyond Masking's de-colourisation has no row: Fashion-MNIST is grey")
     return Plan("compare", "Every method under one budget, one backbone, one data pipeline and one evaluation",
-                setup, out, [preset_note(setup), budget], select(runs, rows))
+                setup, store / "compare", store, [preset_note(setup), budget], select(runs, rows))
 
 
-def execute(stage: Stage) -> int:
+def execute(stage: Stage, env: dict[str, str]) -> int:
     stage.log.parent.mkdir(parents=True, exist_ok=True)
     with stage.log.open("a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage.shown()}\n")
         log.flush()
         return subprocess.run(stage.command, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **stage.env}).returncode
+                              env={**os.environ, **env, **stage.env}).returncode
 
 
 def log_tail(path: Path) -> str:
@@ -304,39 +317,72 @@ def log_tail(path: Path) -> str:
     return "\n".join("    " + line for line in lines[-LOG_TAIL_LINES:])
 
 
-def run_plan(plan: Plan, dry_run: bool) -> State:
-    """Run (or, dry, print) every stage that is not done; raise ReproduceError at the first failed stage."""
+def threads_env(jobs: int) -> dict[str, str]:
+    """With `jobs` rows at once, each process gets an equal share of the CPU threads (unless OMP_NUM_THREADS is
+    set)."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
+def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
+    """Run (or, dry, print) every stage that is not done, `jobs` rows at once; raise ReproduceError after the first
+    failed stage (the other rows stop after their current stage)."""
     setup = plan.setup
     if (not dry_run and setup.preset == "paper" and not setup.slurm and setup.nodes > 1
             and "MASTER_ADDR" not in os.environ):
         raise ReproduceError(f"NODES={setup.nodes} without SLURM=1: set MASTER_ADDR to node 0's address, and start "
                              f"the torchrun commands that DRY_RUN=1 prints on the other nodes with their NODE_RANK")
-    state = State(plan.out / "state.json")
-    print(f"# {plan.title}\n# {plan.notes[0]}\n# outputs: {shown(plan.out)}", flush=True)
+    if jobs < 1:
+        raise ReproduceError(f"JOBS must be at least 1, got {jobs}")
+    state = State(plan.store / "state.json")
+    print(f"# {plan.title}\n# {plan.notes[0]}\n# outputs: {shown(plan.out)} (runs: {shown(plan.store)})", flush=True)
     ran: set[str] = set()
-    for run in plan.runs:
-        print(f"# {run.key} ({run.method}, {run.backbone}): {run.description}", flush=True)
+    stage_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+    printing = threading.Lock()
+    failures: list[tuple[Stage, int]] = []
+    env = threads_env(jobs)
+
+    def say(text: str, file=sys.stdout) -> None:
+        with printing:  # rows running at once print whole lines
+            print(text, file=file, flush=True)
+
+    def run_row(run: PlannedRun) -> None:
+        say(f"# {run.key} ({run.method}, {run.backbone}): {run.description}")
         for stage in run.stages:
-            if state.done(stage.key, stage.fingerprint) and stage.after not in ran:
-                print(f"[done] {stage.key} (fingerprint {stage.fingerprint}): skipped", flush=True)
-                continue
-            ran.add(stage.key)
-            print(f"[{'dry run' if dry_run else 'run'}] {stage.key}  log: {shown(stage.log)}\n    {stage.shown()}",
-                  flush=True)
-            if stage.alternative is not None:
-                print(f"    # or, with {'torchrun' if setup.slurm else 'SLURM (SLURM=1)'}:\n    {stage.alternative}")
-            if dry_run:
-                continue
-            state.start(stage)
-            start = time.perf_counter()
-            returncode = execute(stage)
-            seconds = time.perf_counter() - start
-            state.finish(stage, "done" if returncode == 0 else "failed", seconds)
-            if returncode:
-                print(log_tail(stage.log), file=sys.stderr)
-                raise ReproduceError(f"stage {stage.key} failed (exit {returncode}); its log: {shown(stage.log)}. "
-                                     f"Finished stages are kept: fix the cause and run the same command again")
-            print(f"    done in {seconds:.0f} s", flush=True)
+            if failures:
+                return
+            with stage_locks[stage.key]:  # a stage that rows share (the demo codebook) runs once
+                if state.done(stage.key, stage.fingerprint) and stage.after not in ran:
+                    say(f"[done] {stage.key} (fingerprint {stage.fingerprint}): skipped")
+                    continue
+                ran.add(stage.key)
+                say(f"[{'dry run' if dry_run else 'run'}] {stage.key}  log: {shown(stage.log)}\n    {stage.shown()}")
+                if stage.alternative is not None:
+                    say(f"    # or, with {'torchrun' if setup.slurm else 'SLURM (SLURM=1)'}:\n    {stage.alternative}")
+                if dry_run:
+                    continue
+                state.start(stage)
+                start = time.perf_counter()
+                returncode = execute(stage, env)
+                seconds = time.perf_counter() - start
+                state.finish(stage, "done" if returncode == 0 else "failed", seconds)
+                if returncode:
+                    failures.append((stage, returncode))
+                    say(log_tail(stage.log), file=sys.stderr)
+                    return
+                say(f"    {stage.key} done in {seconds:.0f} s")
+
+    if jobs == 1 or dry_run:
+        for run in plan.runs:
+            run_row(run)
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(run_row, plan.runs))
+    if failures:
+        stage, returncode = failures[0]
+        raise ReproduceError(f"stage {stage.key} failed (exit {returncode}); its log: {shown(stage.log)}. Finished "
+                             f"stages are kept: fix the cause and run the same command again")
     return state
 
 
@@ -350,7 +396,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slurm", action="store_true", help="paper: submit experiments/slurm_pretrain.sbatch")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running it")
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all)")
-    parser.add_argument("--out", default="runs/reproduce", help="outputs: <out>/<preset>/<paper>/")
+    parser.add_argument("--steps", type=int, default=None, help=f"demo: pre-training steps of every row (default "
+                                                                 f"{DEMO_STEPS})")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each with its share of the CPU "
+                                                            "threads")
+    parser.add_argument("--out", default="runs/reproduce", help="runs in <out>/<preset>/, tables in "
+                                                                "<out>/<preset>/<paper>/")
     parser.add_argument("--fit-args", default="", help="more `lightning-mim fit` arguments for every pre-training")
     parser.add_argument("--eval-args", default="", help="more `lightning-mim evaluate` arguments for every evaluation")
 
@@ -358,7 +409,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def setup_of(options: argparse.Namespace) -> Setup:
     preset = options.preset or ("paper" if options.data else "demo")
     return Setup(preset, options.data, options.gpus, options.nodes, options.slurm,
-                 tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)))
+                 tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)), options.steps)
 
 
 def main(argv: list[str] | None = None) -> list[Plan]:
@@ -373,11 +424,11 @@ def main(argv: list[str] | None = None) -> list[Plan]:
     try:
         setup = setup_of(options)
         if options.paper == "all" and options.rows:
-            raise ReproduceError("ROWS selects rows of one paper: use it with reproduce-lut or reproduce-symmim")
+            raise ReproduceError("ROWS selects rows of one paper: use it with one paper's target (reproduce-lut, ...)")
         rows = options.rows.split(",") if options.rows else None
         for paper in PAPERS.values() if options.paper == "all" else [PAPERS[options.paper]]:
             plan = plan_paper(paper, setup, Path(options.out), rows)
-            state = run_plan(plan, options.dry_run)
+            state = run_plan(plan, options.dry_run, options.jobs)
             if not options.dry_run:
                 finish_paper(plan, state)
             plans.append(plan)
@@ -396,7 +447,7 @@ def main_compare(argv: list[str] | None = None) -> Plan:
     try:
         plan = plan_compare(setup_of(options), Path(options.out), options.rows.split(",") if options.rows else None,
                             options.epochs)
-        state = run_plan(plan, options.dry_run)
+        state = run_plan(plan, options.dry_run, options.jobs)
         if not options.dry_run:
             finish_compare(plan, state)
     except ReproduceError as error:

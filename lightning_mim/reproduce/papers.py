@@ -9,21 +9,56 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# The micro demo recipes (Fashion-MNIST, CPU): the pre-training of one method in PRESET=demo and PRESET=smoke.
-DEMO_RECIPES: dict[str, str] = {
-    "MAE": "configs/mae/vit_micro_p4_demo_fmnist.yaml",
-    "SimMIM": "configs/simmim/vit_micro_p4_demo_fmnist.yaml",
-    "LUT": "configs/lut/vit_micro_p4_demo_fmnist.yaml",
-    "SymMIM": "configs/symmim/vit_micro_p4_demo_fmnist.yaml",
-    "BeyondMasking": "configs/beyond_masking/vit_micro_p4_demo_fmnist_zoom_in_masking.yaml",
-    "BEiT": "configs/beit/vit_micro_p4_demo_fmnist.yaml",
-    "MaPeT": "configs/mapet/vit_micro_p4_demo_fmnist.yaml",
-}
-# Demo recipes that predict the tokens of a k-means codebook: `tokenizer fit` arguments that write it (the same
-# codebook for BEiT and MaPeT, the fair setting); the driver fits it once, before their pre-training.
-DEMO_CODEBOOKS: dict[str, tuple[str, ...]] = {
-    method: ("--features", "pixels", "--patch-size", "4", "--input-size", "28", "--vocab-size", "512")
-    for method in ("BEiT", "MaPeT")}
+# PRESET=demo and PRESET=smoke run every method at one image size: the SimMIM / SymMIM masks need an 8 x 8 patch grid,
+# so the 28-px demo recipes (MAE, LUT, Beyond Masking, BEiT, MaPeT) run at 32 px with their size-dependent settings
+# scaled by the rule of their paper recipe. One run serves every table it appears in (a paper's and `compare`).
+DEMO_IMG_SIZE = 32
+DEMO_SIZE = ("--model.backbone.img_size", str(DEMO_IMG_SIZE))
+# BEiT's block masks: 75 of 196 patches in blocks of at least 16 (beit.py), the same shares of the 8 x 8 grid.
+BEIT_DEMO_MASKS = ("--model.num_masked_patches", str(round(75 * 64 / 196)),
+                   "--model.min_masked_per_block", str(round(16 * 64 / 196)))
+# Beyond Masking's zoom geometry: a 288-px view around the 224-px crop and a 160-px image in the 224-px canvas.
+ZOOM_IN_DEMO = ("--model.zoom_in_margin", str(round(DEMO_IMG_SIZE / 7)))
+ZOOM_OUT_DEMO = ("--model.zoom_out_size", str(round(5 * DEMO_IMG_SIZE / 7)))
+# The k-means codebook that BEiT and MaPeT predict (the same one: MaPeT's fair setting): `tokenizer fit` arguments.
+DEMO_CODEBOOK = ("--features", "pixels", "--patch-size", "4", "--input-size", str(DEMO_IMG_SIZE), "--vocab-size", "512")
+TOKENIZER_DEMO = ("--model.tokenizer.input_size", str(DEMO_IMG_SIZE))
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One method's pre-training at demo and smoke scale: its micro Fashion-MNIST recipe and the arguments that set
+    it to the demo's image size; `codebook`: it reads the demo codebook, fitted by a stage before it."""
+
+    key: str
+    method: str
+    recipe: str
+    size_args: tuple[str, ...] = DEMO_SIZE
+    codebook: bool = False
+
+
+def _beyond_masking_demo(objective: str, *size_args: str) -> DemoRow:
+    return DemoRow(f"bm_{objective}", "BeyondMasking",
+                   f"configs/beyond_masking/vit_micro_p4_demo_fmnist_{objective}.yaml", (*DEMO_SIZE, *size_args))
+
+
+# Every demo row, in the order `compare` shows them. Beyond Masking's de-colourisation has none: Fashion-MNIST is grey.
+DEMO_ROWS: dict[str, DemoRow] = {row.key: row for row in (
+    DemoRow("mae", "MAE", "configs/mae/vit_micro_p4_demo_fmnist.yaml"),
+    DemoRow("simmim", "SimMIM", "configs/simmim/vit_micro_p4_demo_fmnist.yaml"),
+    DemoRow("lut", "LUT", "configs/lut/vit_micro_p4_demo_fmnist.yaml"),
+    DemoRow("symmim", "SymMIM", "configs/symmim/vit_micro_p4_demo_fmnist.yaml"),
+    DemoRow("beit", "BEiT", "configs/beit/vit_micro_p4_demo_fmnist.yaml", (*DEMO_SIZE, *TOKENIZER_DEMO, *BEIT_DEMO_MASKS),
+            codebook=True),
+    DemoRow("mapet", "MaPeT", "configs/mapet/vit_micro_p4_demo_fmnist.yaml", (*DEMO_SIZE, *TOKENIZER_DEMO),
+            codebook=True),
+    _beyond_masking_demo("zoom_in_masking", *ZOOM_IN_DEMO),
+    _beyond_masking_demo("masking"),
+    _beyond_masking_demo("zoom_in", *ZOOM_IN_DEMO),
+    _beyond_masking_demo("zoom_out", *ZOOM_OUT_DEMO),
+    _beyond_masking_demo("distortion"),
+    _beyond_masking_demo("blur"),
+)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +75,11 @@ class Row:
     source: str  # where `reported` and `effective_batch` come from
     reported: Mapping[str, float] = field(default_factory=dict)
     note: str = ""
+    demo: str | None = None  # its DEMO_ROWS key; None: no demo row (the default: the method's name in lower case)
+
+    @property
+    def demo_key(self) -> str | None:
+        return self.demo if self.demo is not None else self.method.lower()
 
 
 @dataclass(frozen=True)
@@ -49,9 +89,9 @@ class Paper:
     rows: tuple[Row, ...]
 
     @property
-    def methods(self) -> tuple[str, ...]:
-        """The methods of the rows, in table order (one demo row each)."""
-        return tuple(dict.fromkeys(row.method for row in self.rows))
+    def demo_keys(self) -> tuple[str, ...]:
+        """The demo rows of the paper's rows, in table order."""
+        return tuple(dict.fromkeys(row.demo_key for row in self.rows if row.demo_key in DEMO_ROWS))
 
 
 MAE_VIT_B16 = "configs/mae/vit_b16_1600ep_in1k.yaml"
@@ -94,7 +134,7 @@ def _beyond_masking_row(objective: str, letters: str, top1: float, note: str = "
     return Row(f"bm_{objective}", "BeyondMasking", f"ViT-B/16 {letters}",
                f"configs/beyond_masking/vit_b16_300ep_in1k_{objective}.yaml", 2048, BEYOND_MASKING_FINETUNE,
                "beyond_masking.md sections 3 and 4 (README tables); fine-tuning recipe unknown: the repo's defaults",
-               {"finetune": top1}, note=note)
+               {"finetune": top1}, note=note, demo=f"bm_{objective}")
 
 
 BEYOND_MASKING = Paper("beyond_masking", "Beyond Masking: Demystifying Token-Based Pre-Training for Vision "
@@ -133,7 +173,8 @@ MAPET = Paper("mapet", "Learning to Mask and Permute Visual Tokens for Vision Tr
 
 PAPERS: dict[str, Paper] = {paper.key: paper for paper in (LUT, SYMMIM, BEYOND_MASKING, MAPET)}
 
-# `make compare`: every method that exists, each with its ViT-B/16 paper recipe (PRESET=paper) or demo recipe.
-COMPARE_ROWS: tuple[Row, ...] = tuple(
-    next(row for paper in PAPERS.values() for row in paper.rows if row.method == method and row.backbone == "ViT-B/16")
-    for method in ("MAE", "SimMIM", "LUT", "SymMIM"))
+# `make compare` at paper scale: each demo row's method with its ViT-B/16 paper recipe (VQ-KD for the token methods).
+COMPARE_ROWS: dict[str, Row] = {
+    key: next(row for paper in PAPERS.values() for row in paper.rows
+              if row.demo_key == key and row.backbone.startswith("ViT-B/16"))
+    for key in DEMO_ROWS}

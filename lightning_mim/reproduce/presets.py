@@ -31,6 +31,9 @@ SMOKE_EVALUATE = (
     "--data-source", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
     "--num-workers", "0", "--knn-bank", "64", "--accelerator", "cpu", "--adapt-images",
 )
+# PRESET=demo pre-trains every row for this many steps of batch 256 (STEPS= sets another): minutes per row on a
+# CPU core, and every method on the same budget.
+DEMO_STEPS = 300
 # The demo's linear probe (10 epochs) and fine-tuning (cut to 2 epochs) train on a seeded 10,000-image subset of the
 # 60,000 training images, so that a row's evaluation takes minutes on the CPU.
 DEMO_EVALUATE = ("--accelerator", "cpu", "--train-subset", "10000", "--finetune-epochs", "2")
@@ -65,6 +68,7 @@ class Setup:
     slurm: bool = False
     fit_args: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
+    steps: int | None = None  # demo: pre-training steps (default DEMO_STEPS)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -76,6 +80,13 @@ class Setup:
                                  "make-shards WebDataset shards train-*.tar / val-*.tar>")
         if self.slurm and self.preset != "paper":
             raise ReproduceError(f"SLURM=1 applies to PRESET=paper only (PRESET={self.preset} runs on this CPU)")
+        if self.steps is not None and (self.preset != "demo" or self.steps < 1):
+            raise ReproduceError(f"STEPS sets the demo budget: a positive number with PRESET=demo (got STEPS="
+                                 f"{self.steps} with PRESET={self.preset}; the paper preset runs each recipe's epochs)")
+
+    @property
+    def demo_steps(self) -> int:
+        return self.steps or DEMO_STEPS
 
     @property
     def devices(self) -> int:
@@ -144,7 +155,8 @@ def pretrain_args(setup: Setup, recipe: str, effective_batch: int | None) -> tup
     if setup.preset == "demo":
         data_dir = ["--data.data_dir", setup.data] if setup.data else []
         return ["--config", config("configs/trainer/cpu.yaml"), "--config", config("configs/data/fashion_mnist.yaml"),
-                "--config", config(recipe), *data_dir], "Fashion-MNIST on the CPU, the demo recipe's budget"
+                "--config", config(recipe), *data_dir, "--trainer.max_steps", str(setup.demo_steps)], \
+            f"Fashion-MNIST on the CPU, {setup.demo_steps} steps"
     assert effective_batch is not None, "paper rows state their effective batch"
     data_config, data_args, _ = paper_data(setup.data)
     trainer = "configs/trainer/multinode.yaml" if setup.nodes > 1 else "configs/trainer/ddp.yaml"

@@ -54,7 +54,7 @@ def mean_scalar(run_dir: Path, tag: str) -> float | None:
 
 def collect(plan: Plan, state: State) -> list[RunResult]:
     """Each run's latest evaluate row per protocol (a rerun appends newer rows), throughput and hours."""
-    with (plan.out / "results.csv").open() as handle:
+    with (plan.store / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     results = []
     for run in plan.runs:
@@ -111,6 +111,7 @@ def table_lines(plan: Plan, results: list[RunResult], with_paper: bool) -> tuple
 def write_tables(plan: Plan, results: list[RunResult], with_paper: bool) -> Path:
     """table.md, table.csv and table.json in the plan's folder; returns the Markdown path."""
     header, lines = table_lines(plan, results, with_paper)
+    plan.out.mkdir(parents=True, exist_ok=True)
     title = f"# {plan.title}: PRESET={plan.setup.preset}\n\n" + "".join(f"{note}\n" for note in plan.notes) + "\n"
     table = plan.out / "table.md"
     table.write_text(title + markdown(header, lines))
@@ -152,7 +153,7 @@ def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
         trainer = config.get("trainer") or {}
         params = {"preset": plan.setup.preset, "paper": plan.name, "model": config.get("model"),
                   "data": config.get("data"), "trainer": {name: trainer.get(name) for name in TRAINER_HPARAMS}}
-        logger = TensorBoardLogger(save_dir=str(plan.out), name=run.key, version=run.run_dir.name,
+        logger = TensorBoardLogger(save_dir=str(plan.store), name=run.key, version=run.run_dir.name,
                                    default_hp_metric=False)
         logger.log_hyperparams(params, metrics)
         logger.finalize("success")
@@ -193,7 +194,7 @@ def finish(plan: Plan, state: State, with_paper: bool) -> list[RunResult]:
     table = write_tables(plan, results, with_paper)
     log_hparams(plan, results, state)
     print("\n" + table.read_text(), flush=True)
-    print(f"table: {shown(table)} (and table.csv, table.json); TensorBoard: make tensorboard RUN={shown(plan.out)}")
+    print(f"table: {shown(table)} (and table.csv, table.json); TensorBoard: make tensorboard RUN={shown(plan.store)}")
     return results
 
 
