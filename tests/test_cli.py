@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_mim.reliability import safe_load
 from lightning_mim.cli import run_cli
 from micro_methods import micro_cli_model
 
@@ -89,19 +90,30 @@ def test_fit_logs_common_tags_and_loss_decreases(tmp_path, method):
     assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
 
 
+# Beyond Masking's other objectives (its default, zoom_in_masking, is the "BeyondMasking" case): a grey encoder for
+# de-colourisation, whose input is the grey version of the colour images
+OTHER_OBJECTIVES = {objective: ("--model.objective", objective, *(("--model.backbone.in_chans", "1")
+                                                                  if objective == "decolorize" else ()))
+                    for objective in ("masking", "zoom_in", "zoom_out", "distortion", "blur", "decolorize")}
+
+
 # SyncBatchNorm (LUT's paper configs) needs GPUs; on CPU each rank keeps its own BatchNorm statistics
-@pytest.mark.parametrize("method", ["MAE", "LUT", "SimMIM", "SymMIM", "BEiT", "MaPeT", "BeyondMasking"])
+@pytest.mark.parametrize("method", ["MAE", "LUT", "SimMIM", "SymMIM", "BEiT", "MaPeT", "BeyondMasking",
+                                    *(f"BeyondMasking:{objective}" for objective in OTHER_OBJECTIVES)])
 def test_ddp_two_cpu_processes(tmp_path, method):
+    method, _, objective = method.partition(":")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        cli_command("fit", *micro_synthetic(method), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                    "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
+        cli_command("fit", *micro_synthetic(method), *OTHER_OBJECTIVES.get(objective, ()), "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")),
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    if objective:
+        assert safe_load(tmp_path / "ckpt" / "last.ckpt")["hyper_parameters"]["objective"] == objective
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

@@ -242,3 +242,11 @@ class BeyondMasking(MIMMethod):
         reconstruction = denormalize_patches_per_channel(pred, self.patchify(target), self.in_chans)
         return {"input": images, "degraded": degraded.expand(-1, self.in_chans, -1, -1), "target": target,
                 "reconstruction": self.unpatchify(reconstruction)}
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder features (the k-NN monitor); de-colourisation's grey encoder gets the colour images' grey
+        mix at the mean of the training weights (each U(0, 0.667): 1/3)."""
+        if self.objective == "decolorize":
+            images = deg.decolorize(images, images.new_full((self.in_chans,), deg.GREY_WEIGHT_HIGH / 2))
+        return super().extract_features(images)

@@ -161,7 +161,7 @@ def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
 
 
 def plot_compare(plan: Plan, results: list[RunResult], path: Path) -> None:
-    """Top-1 against pre-training wall-clock hours: one point per method and protocol."""
+    """Top-1 against pre-training wall-clock hours: one point per row (labelled with its key) and protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,12 +169,12 @@ def plot_compare(plan: Plan, results: list[RunResult], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for protocol, marker in zip(plan.protocols, "os^D"):
-        points = [(result.hours, result.top1[protocol], result.run.method) for result in results
+        points = [(result.hours, result.top1[protocol], result.run.key) for result in results
                   if protocol in result.top1]
         axes.scatter([x for x, _, _ in points], [y for _, y, _ in points], marker=marker, s=50,
                      label=f"{PROTOCOL_NAMES[protocol]} top-1")
-        for x, y, method in points:
-            axes.annotate(method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for x, y, key in points:
+            axes.annotate(key, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     devices = plan.runs[0].devices
     axes.set_xlabel(f"pre-training wall-clock hours ({devices} {'GPU' if plan.setup.preset == 'paper' else 'CPU'} "
                     f"process{'es' if devices > 1 else ''})")
