@@ -36,7 +36,8 @@ import lightning_mim.methods as methods_module
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
 from lightning_mim.data.sources import decode_to_tensor
-from lightning_mim.methods import MIMMethod
+from lightning_mim.methods import BeyondMasking, MIMMethod
+from lightning_mim.methods.beyond_masking import OBJECTIVES
 from lightning_mim.targets.kmeans import random_pixel_codebook
 
 CPU_TARGET_RATIO = 0.5
@@ -57,6 +58,20 @@ def available_methods() -> dict[str, type[MIMMethod]]:
         if isinstance(obj, type) and issubclass(obj, MIMMethod) and not getattr(obj, "__abstractmethods__", None):
             found[name.lower()] = obj
     return found
+
+
+def bench_methods() -> dict[str, tuple[type[MIMMethod], dict[str, Any]]]:
+    """Every row of the benchmark: (class, constructor arguments) of each concrete method with its defaults, and of
+    Beyond Masking once per other objective (`beyondmasking:<objective>`, each its own pre-training; de-colourisation
+    with its 1-channel encoder)."""
+    rows: dict[str, tuple[type[MIMMethod], dict[str, Any]]] = {name: (cls, {})
+                                                               for name, cls in available_methods().items()}
+    default = inspect.signature(BeyondMasking).parameters["objective"].default
+    for objective in OBJECTIVES:
+        if objective != default:
+            grey = {"backbone": {"in_chans": 1}} if objective == "decolorize" else {}
+            rows[f"beyondmasking:{objective}"] = (BeyondMasking, {"objective": objective, **grey})
+    return rows
 
 
 def device_name(device: torch.device) -> str:
@@ -202,16 +217,20 @@ def method_kwargs(cls: type[MIMMethod], method_args: dict[str, Any]) -> dict[str
     return {key: value for key, value in method_args.items() if key in parameters}
 
 
-def build_method(cls: type[MIMMethod], args: argparse.Namespace) -> MIMMethod:
-    """The method at the benchmark's size, resolution and patch size; other arguments default or from --method-args
-    (a "backbone" entry adds backbone options, e.g. Beyond Masking's decolorize needs {"in_chans": 1}).
+def build_method(cls: type[MIMMethod], args: argparse.Namespace, row_args: dict[str, Any] | None = None
+                 ) -> MIMMethod:
+    """The method at the benchmark's size, resolution and patch size; other arguments default, from --method-args
+    (a "backbone" entry adds backbone options) or from the row's own (`bench_methods`), which take precedence.
     A token-predicting method without a `tokenizer` there tokenises in the step with a pixel k-means codebook of
     8192 random centroids (`bench_codebook`): the nearest-code search of a real k-means tokenizer's last stage."""
     kwargs = method_kwargs(cls, args.method_args)
+    row_args = dict(row_args or {})
+    backbone = {**kwargs.pop("backbone", {}), **row_args.pop("backbone", {})}
+    kwargs.update(row_args)
     if "tokenizer" in inspect.signature(cls).parameters and "tokenizer" not in kwargs:
         kwargs["tokenizer"] = {"kind": "kmeans", "path": str(bench_codebook(args.img_size, args.patch_size))}
     return cls(backbone=dict(size=args.size, img_size=args.img_size, patch_size=args.patch_size,
-                             grad_checkpointing=args.grad_checkpointing, **kwargs.pop("backbone", {})), **kwargs)
+                             grad_checkpointing=args.grad_checkpointing, **backbone), **kwargs)
 
 
 def bench_codebook(img_size: int, patch_size: int, vocab_size: int = 8192, in_chans: int = 3) -> Path:
@@ -587,7 +606,8 @@ def _rate(value: float) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="all", help="comma-separated method names (e.g. mae,lut), or 'all'")
+    parser.add_argument("--methods", default="all", help="comma-separated method names (e.g. mae,lut,"
+                                                         "beyondmasking:zoom_out), or 'all'")
     parser.add_argument("--size", default="small", help="backbone size: micro, tiny, small, base, large, huge")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
@@ -659,7 +679,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Benchmark the selected methods, data sources and shard writing; returns the report (header, methods, data,
     shards)."""
     device = torch.device(args.device)
-    known = available_methods()
+    known = bench_methods()
     names = list(known) if args.methods == "all" else [n.strip().lower() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -677,9 +697,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decode_rows = bench_decode(Path(data["image_folder"]), args.data_images) if data and data["image_folder"] \
             else []
         for name in names:
-            method = build_method(known[name], args)
+            cls, row_args = known[name]
+            method = build_method(cls, args, row_args)
             row = bench_train_step(name, method, args, device)
-            row["method_args"] = method_kwargs(known[name], args.method_args)
+            row["method_args"] = {**method_kwargs(cls, args.method_args), **row_args}
             method_rows.append(row)
             method.cpu()
             if device.type == "cuda":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import DECODERS, available_methods, build_method, count_flops, main
+from benchmarks.bench import DECODERS, available_methods, bench_methods, build_method, count_flops, main
 from lightning_mim.methods import MAE
 
 
@@ -80,8 +80,11 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 
 def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str]) -> None:
     report, _ = tiny_report
-    methods = sorted(available_methods())
-    assert methods and sorted(row["method"] for row in report["methods"]) == methods
+    methods = sorted(bench_methods())  # every method, and Beyond Masking once per objective
+    assert len(methods) == len(available_methods()) + 6 and "beyondmasking:decolorize" in methods
+    assert sorted(row["method"] for row in report["methods"]) == methods
+    objectives = {row["method"]: row["method_args"].get("objective") for row in report["methods"]}
+    assert objectives["beyondmasking:zoom_out"] == "zoom_out" and objectives["beyondmasking"] is None
     for key in ("device", "torch", "timm", "lightning", "torch_threads", "loadavg_start", "loadavg_end", "matmul",
                 "settings"):
         assert key in report["header"]
@@ -135,7 +138,7 @@ def test_tiny_bench_counts_the_mae_train_step_flops_of_its_layers(tiny_report: t
 
 def test_tiny_bench_markdown_has_one_row_per_method(tiny_report: tuple[dict, str]) -> None:
     _, markdown = tiny_report
-    methods = sorted(available_methods())
+    methods = sorted(bench_methods())
     table = markdown.split("\n\n")[2].splitlines()
     assert table[0].startswith("| method | params (M) |")
     assert sorted(line.split("|")[1].strip() for line in table[2:]) == methods
