@@ -105,7 +105,8 @@ def test_ddp_two_cpu_processes(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         cli_command("fit", *micro_synthetic(method), *OTHER_OBJECTIVES.get(objective, ()), "--trainer.devices", "2",
-                    "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.strategy", "ddp", "--trainer.max_epochs", "2",
+                    "--trainer.default_root_dir", str(tmp_path),
                     "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt")),
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
     )

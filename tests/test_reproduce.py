@@ -261,7 +261,8 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
     _, printed = quiet(cli_main, ["compare", "--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
     assert re.findall(r"^\[dry run\] (\w+)/pretrain", printed, re.MULTILINE) == COMPARED
     plan, _ = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
-    assert [run.method for run in plan.runs] == ["MAE", "SimMIM", "LUT", "SymMIM", "BEiT", "MaPeT", *["BeyondMasking"] * 6]
+    assert [run.method for run in plan.runs] == [
+        "MAE", "SimMIM", "LUT", "SymMIM", "BEiT", "MaPeT", *["BeyondMasking"] * 6]
     # after each method's recipe, the same arguments (budget, data, evaluation-free training settings) for all
     after_recipe = {tuple(command[len(command) - command[::-1].index("--config") + 1:
                                   command.index("--model.backbone.img_size")])

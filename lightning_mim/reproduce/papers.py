@@ -48,8 +48,8 @@ DEMO_ROWS: dict[str, DemoRow] = {row.key: row for row in (
     DemoRow("simmim", "SimMIM", "configs/simmim/vit_micro_p4_demo_fmnist.yaml"),
     DemoRow("lut", "LUT", "configs/lut/vit_micro_p4_demo_fmnist.yaml"),
     DemoRow("symmim", "SymMIM", "configs/symmim/vit_micro_p4_demo_fmnist.yaml"),
-    DemoRow("beit", "BEiT", "configs/beit/vit_micro_p4_demo_fmnist.yaml", (*DEMO_SIZE, *TOKENIZER_DEMO, *BEIT_DEMO_MASKS),
-            codebook=True),
+    DemoRow("beit", "BEiT", "configs/beit/vit_micro_p4_demo_fmnist.yaml",
+            (*DEMO_SIZE, *TOKENIZER_DEMO, *BEIT_DEMO_MASKS), codebook=True),
     DemoRow("mapet", "MaPeT", "configs/mapet/vit_micro_p4_demo_fmnist.yaml", (*DEMO_SIZE, *TOKENIZER_DEMO),
             codebook=True),
     _beyond_masking_demo("zoom_in_masking", *ZOOM_IN_DEMO),
@@ -75,10 +75,10 @@ class Row:
     source: str  # where `reported` and `effective_batch` come from
     reported: Mapping[str, float] = field(default_factory=dict)
     note: str = ""
-    demo: str | None = None  # its DEMO_ROWS key; None: no demo row (the default: the method's name in lower case)
+    demo: str | None = None  # its DEMO_ROWS key (None: the method's name in lower case); a key not there: no demo row
 
     @property
-    def demo_key(self) -> str | None:
+    def demo_key(self) -> str:
         return self.demo if self.demo is not None else self.method.lower()
 
 
