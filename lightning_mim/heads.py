@@ -94,7 +94,6 @@ class ProjectionMLP(nn.Sequential):
         init_mae_weights(self)
 
 
-
 def learned_mask_token(width: int) -> nn.Parameter:
     """A (1, 1, width) mask token, trunc-normal 0.02 (BEiT, MaPeT)."""
     token = nn.Parameter(torch.zeros(1, 1, width))

@@ -121,7 +121,6 @@ class State:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lock = threading.Lock()
 
     @property
     def stages(self) -> dict[str, dict[str, dict]]:
@@ -130,7 +129,8 @@ class State:
     @contextmanager
     def update(self) -> Iterator[dict[str, dict[str, dict]]]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock, self.path.with_suffix(".lock").open("w") as lock:
+        # flock locks an open file: each update opens its own, so threads of this process wait for each other too
+        with self.path.with_suffix(".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             stages = self.stages
             yield stages
