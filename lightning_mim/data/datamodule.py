@@ -15,6 +15,7 @@ from torchvision import transforms
 from lightning_mim.augment import normalize, to_unit_float
 from lightning_mim.data.device_decode import DeferViews, EncodedReader, collate_encoded, decode_views
 from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
+from lightning_mim.data.jpeg_crop import CropDecoder, decodes_crop_region
 from lightning_mim.data.sources import (
     EpochSampler, NodeSplitter, SkipCounter, SkippingImageFolder, SyntheticImages, TensorDecoder, ToMode, Transformed,
     build_imagefolder, check_token_ids, count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
@@ -105,6 +106,7 @@ class MIMDataModule(L.LightningDataModule):
         token_ids_key: str | None = None,
         augment_on: Place = "device",
         decode_on: Place = "loader",
+        crop_decode: bool = True,
     ) -> None:
         """See the class docstring; `shuffle_buffer` is the WebDataset sample shuffle buffer (per worker).
 
@@ -118,6 +120,10 @@ class MIMDataModule(L.LightningDataModule):
         `decode_on`: "loader" decodes the training images in the workers; "device" (with augment_on "device", for
         imagefolder and webdataset) has the workers read the files only and decodes the JPEGs of each batch in one
         call on the training device (nvJPEG on a GPU) before the crops (`lightning_mim.data.device_decode`).
+
+        `crop_decode` (augment_on "device", decode_on "loader"): a method whose views start with a
+        `RegionResizedCrop` (MAE, SimMIM, SymMIM, Beyond Masking) has libjpeg-turbo decode only the crop of each
+        training JPEG, the same pixels as a full decode (`lightning_mim.data.jpeg_crop`); false decodes them whole.
 
         `token_ids_key` (webdataset only, e.g. "tokens.npy"): each training sample's precomputed tokenizer ids,
         written by `lightning-mim tokenizer encode`, replace element [1] of its views (the tokenizer view) as an int64
@@ -411,9 +417,9 @@ class MIMDataModule(L.LightningDataModule):
             # the same subset of the same files, read by the device-side views' decoder
             train_set = seeded_subset(self._train_raw.reading_with(self._file_decoder), hp.train_subset, hp.seed,
                                       _TRAIN)
-        return StatefulDataLoader(Transformed(train_set, transform, hp.seed), batch_size=self.batch_size,
-                                  sampler=sampler, drop_last=hp.drop_last, collate_fn=collate,
-                                  **self._loader_kwargs())
+        return StatefulDataLoader(Transformed(train_set, transform, hp.seed, self._counter),
+                                  batch_size=self.batch_size, sampler=sampler, drop_last=hp.drop_last,
+                                  collate_fn=collate, **self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
         """(image, label) batches of the validation split with the eval transform.
@@ -476,7 +482,11 @@ class MIMDataModule(L.LightningDataModule):
         (decode_on device), or decoded straight to tensors; None (PIL images) for the per-image reference views."""
         if self._augment_module is None:
             return None
-        return EncodedReader(self._mode) if self._decodes_on_device else TensorDecoder(self._mode)
+        if self._decodes_on_device:
+            return EncodedReader(self._mode)
+        if self.hparams.crop_decode and decodes_crop_region(self._train_transform):
+            return CropDecoder(self._mode)
+        return TensorDecoder(self._mode)
 
     def native_format(self) -> tuple[int, int] | None:
         """(image size, channels) that every image of the source has: 28 x 28 grey for Fashion-MNIST,

@@ -137,30 +137,61 @@ def decode_to_tensor(data: bytes, mode: str) -> torch.Tensor:
         return pil_to_tensor(image.convert(mode))
 
 
+class UnreadableImage(ValueError):
+    """Raised by a transform whose input image was read but is decoded only there (`jpeg_crop.RegionResizedCrop`)
+    and does not decode; the loader skips and counts the image, as it does those that fail when read."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+def first_readable(index: int, size: int, load: Callable[[int], Any], counter: SkipCounter | None,
+                   where: str = "") -> Any:
+    """load(index), or where it raises `UnreadableImage`, load of the next index (at most 32 tries, wrapping around
+    `size`), each unreadable image counted and named once (`SkipCounter`); without a counter the error is raised."""
+    for attempt in range(_MAX_ATTEMPTS):
+        try:
+            return load((index + attempt) % size)
+        except UnreadableImage as exc:
+            if counter is None:
+                raise
+            counter.add(f"image {exc.name}", exc.reason)
+    raise RuntimeError(f"{_MAX_ATTEMPTS} consecutive unreadable images from index {index}{where}; the data set looks "
+                       f"broken")
+
+
 class Transformed(Dataset):
     """Apply a transform to the image of (image, label) samples of a map-style dataset.
 
     Indexed by `(index, epoch)` pairs (what `EpochSampler` yields), the transform runs with the random generators
     seeded from (seed, epoch, index): a sample's augmentation is then the same whichever worker loads it, however
     many batches were prefetched, and after a resume mid-epoch. A plain int index leaves the generators alone.
+    With a `counter`, an image the transform finds unreadable (`UnreadableImage`) is counted and the next sample
+    taken in its place (`first_readable`), keeping its index's seed.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable[[Image.Image], Any], seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, transform: Callable[[Image.Image], Any], seed: int = 0,
+                 counter: SkipCounter | None = None) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.counter = counter
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int]:
-        if isinstance(item, int):
-            image, label = self.dataset[item]
-            return self.transform(image), label
-        index, epoch = item
-        image, label = self.dataset[index]
-        with seeded_generators(sample_seed(self.seed, epoch, index)):
-            return self.transform(image), label
+        index, epoch = (item, None) if isinstance(item, int) else item
+
+        def load(position: int) -> tuple[Any, int]:
+            image, label = self.dataset[position]
+            if epoch is None:
+                return self.transform(image), label
+            with seeded_generators(sample_seed(self.seed, epoch, index)):
+                return self.transform(image), label
+
+        return first_readable(index, len(self.dataset), load, self.counter)
 
 
 _MASK64 = (1 << 64) - 1
@@ -262,18 +293,17 @@ class SkippingImageFolder(Dataset):
         return len(self.folder.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
-        n = len(self.folder.samples)
-        for attempt in range(_MAX_ATTEMPTS):
-            path, label = self.folder.samples[(index + attempt) % n]
-            try:
-                if self.decode is not None:
-                    return self.decode(Path(path).read_bytes(), path), label
-                with Image.open(path) as image:
-                    return image.convert("RGB"), label
-            except LOAD_ERRORS as exc:
-                self.counter.add(f"image {path}", str(exc))
-        raise RuntimeError(f"{_MAX_ATTEMPTS} consecutive unreadable images from index {index} in "
-                           f"{self.folder.root}; the data set looks broken")
+        return first_readable(index, len(self), self._read, self.counter, f" in {self.folder.root}")
+
+    def _read(self, index: int) -> tuple[Image.Image | torch.Tensor, int]:
+        path, label = self.folder.samples[index]
+        try:
+            if self.decode is not None:
+                return self.decode(Path(path).read_bytes(), path), label
+            with Image.open(path) as image:
+                return image.convert("RGB"), label
+        except LOAD_ERRORS as exc:
+            raise UnreadableImage(path, str(exc)) from exc
 
 
 def build_imagefolder(data_dir: str | None, split: str, counter: SkipCounter) -> SkippingImageFolder:
@@ -431,6 +461,16 @@ class SkipHandler:
         return True
 
 
+class SkipUnreadable(SkipHandler):
+    """`SkipHandler` for the views' transform: it skips images found unreadable there (`UnreadableImage`) and
+    re-raises anything else, which is a bug rather than bad data."""
+
+    def __call__(self, exc: Exception) -> bool:
+        if not isinstance(exc, UnreadableImage):
+            raise exc
+        return super().__call__(exc)
+
+
 def decode_sample(sample: dict[str, Any], decode: Callable[[bytes, str], Any] | None = None) -> tuple[Any, int]:
     """(image, label) from a raw WebDataset sample: a PIL RGB image, or decode(image bytes, name) (e.g.
     `TensorDecoder`); errors name the shard and the sample key."""
@@ -539,9 +579,11 @@ def webdataset_pipeline(urls: list[str], transform: Callable[[Image.Image], Any]
     if shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer)
     if token_ids_key is None:
-        dataset = dataset.map(DecodeSample(decode), handler=handler).map(ApplyToImage(transform))
+        dataset = dataset.map(DecodeSample(decode), handler=handler).map(ApplyToImage(transform),
+                                                                          handler=SkipUnreadable(counter))
     else:
-        dataset = dataset.map(DecodeWithIds(token_ids_key, decode), handler=handler).map(ApplyWithIds(transform))
+        dataset = dataset.map(DecodeWithIds(token_ids_key, decode), handler=handler).map(
+            ApplyWithIds(transform), handler=SkipUnreadable(counter))
     if batch_size is not None:
         dataset = dataset.batched(batch_size, collation_fn=collate, partial=partial_batches)
     return dataset

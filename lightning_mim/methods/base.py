@@ -20,6 +20,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.data.jpeg_crop import RegionResizedCrop
 from lightning_mim.losses import denormalize_patches
 from lightning_mim.nonfinite import NonFiniteStepGuard
 from lightning_mim.reliability import check_same_experiment
@@ -260,12 +261,13 @@ class MIMMethod(L.LightningModule, abc.ABC):
         """The per-file part of the training views, run in the loader workers when the data augments on the device
         (`MIMDataModule(augment_on="device")`): PIL image -> uint8 tensor view(s), the geometric crop included; the
         rest runs batched on the device (`augment_views`, then the data's normalisation). Here MAE's
-        RandomResizedCrop(0.2-1, bicubic) + horizontal flip. A method that overrides `train_transform` but not
+        RandomResizedCrop(0.2-1, bicubic) + horizontal flip; as a `RegionResizedCrop`, which decodes only the crop
+        of a JPEG (`MIMDataModule(crop_decode=True)`). A method that overrides `train_transform` but not
         this keeps its views in the loader (`MIMDataModule` checks which class defines each)."""
         return v2.Compose([
             v2.PILToTensor(),
-            v2.RandomResizedCrop(self.image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
+            RegionResizedCrop(self.image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                              antialias=True),
             v2.RandomHorizontalFlip(),
         ])
 

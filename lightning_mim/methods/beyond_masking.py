@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from lightning_mim import degradations as deg
 from lightning_mim.backbone import BackboneConfig, patchify, unpatchify
+from lightning_mim.data.jpeg_crop import RegionResizedCrop
 from lightning_mim.heads import MAEDecoder
 from lightning_mim.losses import denormalize_patches_per_channel, masked_mse, normalize_patches_per_channel
 from lightning_mim.masking import check_mask_ratio, random_masking
@@ -128,14 +129,15 @@ class BeyondMasking(MIMMethod):
             return self.image_size + 2 * self.zoom_in_margin
         return self.zoom_out_size if self.objective == "zoom_out" else self.image_size
 
-    def train_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    def loader_views(self) -> v2.Compose:
+        """The view at `view_size`: MAE's crop + flip, or the official code's RandomResizedCrop (bilinear) alone."""
         if self.train_crop == "mae":
-            crop = [v2.RandomResizedCrop(self.view_size(), scale=(0.2, 1.0),
-                                         interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            crop = [RegionResizedCrop(self.view_size(), scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                      antialias=True),
                     v2.RandomHorizontalFlip()]
         else:
-            crop = [v2.RandomResizedCrop(self.view_size(), antialias=True)]
-        return v2.Compose([v2.PILToTensor(), *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+            crop = [RegionResizedCrop(self.view_size(), antialias=True)]
+        return v2.Compose([v2.PILToTensor(), *crop])
 
     def validation_views(self, images: torch.Tensor) -> torch.Tensor:
         """The training view from an S-sized eval image: area-resized to the zoom views' sizes."""

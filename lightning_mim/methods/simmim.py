@@ -19,6 +19,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig
+from lightning_mim.data.jpeg_crop import RegionResizedCrop
 from lightning_mim.losses import masked_l1
 from lightning_mim.masking import check_cell_size, check_mask_ratio, simmim_masking
 from lightning_mim.methods.base import MIMMethod, OptimConfig
@@ -65,7 +66,7 @@ class SimMIM(MIMMethod):
         """SimMIM's view: RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3, bilinear) + horizontal flip."""
         return v2.Compose([
             v2.PILToTensor(),
-            v2.RandomResizedCrop(self.image_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            RegionResizedCrop(self.image_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
             v2.RandomHorizontalFlip(),
         ])
 
