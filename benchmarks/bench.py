@@ -35,7 +35,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 import lightning_mim.methods as methods_module
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule, write_shards
-from lightning_mim.data.sources import decode_to_tensor
+from lightning_mim.data.jpeg_crop import RegionResizedCrop, read_jpeg, turbojpeg
+from lightning_mim.data.sources import decode_to_tensor, seeded_generators
 from lightning_mim.methods import BeyondMasking, MIMMethod
 from lightning_mim.methods.beyond_masking import OBJECTIVES
 from lightning_mim.targets.kmeans import random_pixel_codebook
@@ -456,11 +457,21 @@ def _decode_pil(data: bytes, reduce: int = 1) -> torch.Tensor:
         return pil_to_tensor(image.convert("RGB"))
 
 
+_MAE_CROP = RegionResizedCrop(224, scale=(0.2, 1.0))
+
+
+def _decode_mae_crop(data: bytes) -> torch.Tensor:
+    """Only the region of a MAE crop (drawn with a fixed seed per file) through TurboJPEG 3 (crop_decode)."""
+    with seeded_generators(len(data)):
+        return _MAE_CROP.crop(read_jpeg(data, "bench", "RGB"))
+
+
 DECODERS: dict[str, Callable[[bytes], torch.Tensor]] = {
     "PIL, full size": _decode_pil,
     "PIL, draft 1/2 (DCT scaling)": lambda data: _decode_pil(data, 2),
     "PIL, draft 1/4 (DCT scaling)": lambda data: _decode_pil(data, 4),
     "torchvision decode_image": lambda data: decode_to_tensor(data, "RGB"),
+    **({"TurboJPEG 3, the region of a MAE crop only (crop_decode)": _decode_mae_crop} if turbojpeg() else {}),
 }
 
 
@@ -488,11 +499,13 @@ def bench_data(source: str, name: str, method: MIMMethod, data: dict[str, Any], 
     of `--data-repeats` passes. `augment_on="loader"`: the whole per-image `train_transform` in the workers (the
     reference pipeline); `"device"`: the workers decode to tensors and crop (`loader_views`), and the rest of the
     views (`augment_views`, normalisation) is timed on `device` for one batch (`device_ms_per_batch`);
-    `"device_decode"`: the workers read the files only, and decoding and cropping are timed on `device` too."""
+    `"device_decode"`: the workers read the files only, and decoding and cropping are timed on `device` too;
+    `"device_whole"`: as "device" with crop_decode off (the workers decode whole JPEGs before cropping)."""
     batch = min(args.batch, args.data_images)
     common = dict(batch_size=batch, num_workers=args.workers, pin_memory=False, persistent_workers=False,
                   knn_bank_size=None, augment_on="loader" if augment_on == "loader" else "device",
-                  decode_on="device" if augment_on == "device_decode" else "loader")
+                  decode_on="device" if augment_on == "device_decode" else "loader",
+                  crop_decode=augment_on != "device_whole")
     if source == "imagefolder":
         datamodule = MIMDataModule(source="imagefolder", data_dir=data["image_folder"],
                                    train_subset=args.data_images, **common)
@@ -563,8 +576,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Data pipeline: decode + the method's views through the MIMDataModule train loader, "
                       f"{settings['workers']} worker(s), {origin}; worker start-up included; median of "
                       f"{settings['data_repeats']} pass(es). augment_on loader: the whole view per image in the "
-                      f"workers (PIL decode, the reference); device: the workers decode to tensors and crop, and the "
-                      f"rest runs batched on the {header['device_type']} (its time per batch in the last column); "
+                      f"workers (PIL decode, the reference); device: the workers decode to tensors and crop (a "
+                      f"RandomResizedCrop decodes only its region of a JPEG), and the rest runs batched on the "
+                      f"{header['device_type']} (its time per batch in the last column); device_whole: the same "
+                      f"with whole JPEGs decoded before the crop (crop_decode off); "
                       f"device_decode: the workers read the files, and the {header['device_type']} also decodes "
                       f"the JPEGs and crops.",
                   "",
@@ -637,8 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--augment-on", type=_augment_places, default="loader,device",
                         help="where the views are made, each timed in turn per method and source: 'loader' "
                              "(per image in the workers, the reference), 'device' (workers decode and crop, the rest "
-                             "batched on --device), 'device_decode' (workers read files, --device decodes the JPEGs, "
-                             "crops and augments)")
+                             "batched on --device), 'device_whole' (the same, JPEGs decoded whole before the crop), "
+                             "'device_decode' (workers read files, --device decodes the JPEGs, crops and augments)")
     parser.add_argument("--data-repeats", type=int, default=1,
                         help="passes over the loader per row; the row reports the median pass")
     parser.add_argument("--shard-workers", type=_worker_counts, default="1,2",
@@ -662,9 +677,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _augment_places(text: str) -> list[str]:
     places = [word.strip() for word in text.split(",") if word.strip()]
-    if not places or not set(places) <= {"loader", "device", "device_decode"}:
-        raise argparse.ArgumentTypeError(f"--augment-on takes loader, device and/or device_decode (comma-separated), "
-                                         f"got {text!r}")
+    if not places or not set(places) <= {"loader", "device", "device_whole", "device_decode"}:
+        raise argparse.ArgumentTypeError(f"--augment-on takes loader, device, device_whole and/or device_decode "
+                                         f"(comma-separated), got {text!r}")
     return places
 
 

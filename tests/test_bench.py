@@ -72,7 +72,8 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     main(["--methods", "all", "--size", "micro", "--img-size", "32", "--patch-size", "4", "--batch", "4",
           "--steps", "2", "--warmup", "1", "--threads", "1", "--matmul-seconds", "0.05",
           "--method-args", json.dumps(METHOD_ARGS), "--data", "imagefolder,webdataset",
-          "--data-images", "32", "--workers", "0", "--augment-on", "loader,device,device_decode", "--device", "cpu",
+          "--data-images", "32", "--workers", "0", "--augment-on", "loader,device,device_whole,device_decode",
+          "--device", "cpu",
           "--out", str(out)])
     assert torch.get_num_threads() == threads  # --threads applies to the run only
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
@@ -99,7 +100,7 @@ def test_tiny_bench_reports_every_column_positive(tiny_report: tuple[dict, str])
         assert isinstance(row["cpu_target_met"], bool)
     assert [(row["method"], row["source"], row["augment_on"]) for row in report["data"]] == [
         (method, source, place) for method in [row["method"] for row in report["methods"]]
-        for source in ("imagefolder", "webdataset") for place in ("loader", "device", "device_decode")]
+        for source in ("imagefolder", "webdataset") for place in ("loader", "device", "device_whole", "device_decode")]
     step_rates = {row["method"]: row["img_per_s"] for row in report["methods"]}
     for row in report["data"]:
         assert row["images"] == 32
