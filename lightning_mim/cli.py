@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import random
 import shutil
 import sys
 import traceback
@@ -23,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
-import numpy as np
-import torch
 import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins import CheckpointIO
@@ -38,32 +35,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
-from lightning_mim.reliability import AtomicCheckpointIO, UnsafeCheckpointError, fit_to_launcher, launcher_layout
+from lightning_mim.reliability import (
+    AtomicCheckpointIO, RNGState, UnsafeCheckpointError, fit_to_launcher, launcher_layout,
+)
 from lightning_mim.targets.base import MissingExtraError
-
-
-class RNGState(Callback):
-    """Saves the python, numpy and torch (CPU and CUDA) generator states in every checkpoint and restores them on
-    resume, so random masking and augmentation continue the interrupted run's streams."""
-
-    def state_dict(self) -> dict[str, Any]:
-        # numpy's state as plain lists so the checkpoint still loads weights-only
-        kind, keys, position, has_gauss, cached = np.random.get_state()
-        state: dict[str, Any] = {"python": random.getstate(),
-                                 "numpy": [kind, keys.tolist(), position, has_gauss, cached],
-                                 "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, position, has_gauss, cached = state_dict["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
 PLACEHOLDER_LOGGER_NAME = "lightning_logs"  # the default name of Lightning's TensorBoard and CSV loggers

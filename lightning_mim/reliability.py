@@ -1,17 +1,23 @@
-"""Crash safety: atomic checkpoint writes, weights-only loading, and early checks of configuration values that would
-otherwise fail deep inside a run (among them the process layout a cluster launcher started)."""
+"""Crash safety: atomic checkpoint writes, weights-only loading, per-rank random streams that resume exactly, and
+early checks of configuration values that would otherwise fail deep inside a run (among them the process layout a
+cluster launcher started)."""
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import numpy as np
 import torch
+from lightning import LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -92,6 +98,73 @@ RESUME_MAY_CHANGE = frozenset({
     "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.data_dir", "data.train_shards",
     "data.val_shards", "data.augment_on", "data.decode_on",
 })
+
+
+def _process_rng_state() -> dict[str, Any]:
+    # numpy's state as plain lists so the checkpoint still loads weights-only
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_process_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_process(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and every CUDA device) generators, as `seed_everything` does."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RNGState(Callback):
+    """Per-process random streams that a resume continues exactly.
+
+    Under DDP every process starts from the same seed (`seed_everything`, then Lightning's re-seed when the process
+    group starts), so every rank would draw the same masks, augmentation parameters and drop-path keeps for its
+    samples. At the start of fit each rank r of a multi-process run is re-seeded with seed + r (MAE's convention);
+    one process keeps its stream as it is. Every checkpoint holds the python, numpy and torch (CPU and CUDA)
+    generator states of every rank (gathered from all ranks when it is written), and a resume gives each rank its
+    own. Resuming on another number of processes cannot continue the streams: ranks the checkpoint does not have are
+    seeded afresh, with a warning."""
+
+    def __init__(self) -> None:
+        self.rank, self.world_size, self.seed = 0, 1, 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        if stage == "fit" and self.world_size > 1:
+            seed_process(self.seed + self.rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = _process_rng_state()
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return {"ranks": [state]}
+        ranks: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(ranks, state)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict.get("ranks", [state_dict])  # checkpoints before per-rank states held one process's
+        if len(ranks) != self.world_size:
+            rank_zero_warn(f"The checkpoint holds the random generator states of {len(ranks)} process(es) and this "
+                           f"run has {self.world_size}: the random streams (masks, augmentations, drop-path) do not "
+                           f"continue exactly; ranks beyond the checkpoint's are seeded with seed + rank.")
+        if self.rank < len(ranks):
+            _set_process_rng_state(ranks[self.rank])
+        else:
+            seed_process(self.seed + self.rank)
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:

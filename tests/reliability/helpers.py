@@ -16,6 +16,23 @@ class LossRecorder(L.Callback):
             handle.write(f"{trainer.global_step} {outputs['loss'].item():.10g}\n")
 
 
+class RankRecorder(L.Callback):
+    """Appends `global_step loss generator` to `<path>.<rank>` after every optimiser step: this rank's loss and a
+    digest of its torch generator state (which the masks and the device augmentations draw from)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        with open(f"{self.path}.{trainer.global_rank}", "a") as handle:
+            handle.write(f"{trainer.global_step} {outputs['loss'].item():.10g} {digest}\n")
+
+
 class KillAtStep(L.Callback):
     """SIGKILLs its own process at the start of the batch after `step` (the checkpoint of `step` is on disk)."""
 

@@ -2,8 +2,11 @@
 resume from `--checkpoint.dirpath/last.ckpt`) reproduces the per-step losses and final weights of an uninterrupted
 run; the training loader resumed from its state yields exactly the batches not yet seen, augmentations included."""
 import os
+import random
 import subprocess
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -11,21 +14,23 @@ from conftest import ROOT, cli_command, micro_args
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MAE
-from lightning_mim.reliability import safe_load
+from lightning_mim.reliability import RNGState, safe_load, seed_process
 
 # 64 samples in batches of 16: 4 steps an epoch, so step 6 is the middle of the second epoch
 TOTAL, KILL_AT = 12, 6
 
 
-def run(tmp_path, name: str, callbacks: list[dict], method: str) -> subprocess.CompletedProcess:
+def run(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL
+        ) -> subprocess.CompletedProcess:
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/reliability")])}
     return subprocess.run(
         cli_command("fit", *micro_args(method), "--config", str(config), "--seed_everything", "7",
-                    "--data.synthetic_size", "64", "--trainer.max_steps", str(TOTAL),
+                    "--data.synthetic_size", "64", "--trainer.max_steps", str(total),
                     "--trainer.default_root_dir", str(tmp_path / name),
-                    "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--checkpoint.every_n_train_steps", "1"),
+                    "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--checkpoint.every_n_train_steps", "1",
+                    *extra),
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
 
@@ -55,6 +60,72 @@ def test_sigkill_then_resume_matches_straight_run(tmp_path, method):
     final_b = safe_load(tmp_path / "resumed" / "ckpt" / "last.ckpt")["state_dict"]
     for name, value in final_a.items():
         torch.testing.assert_close(final_b[name], value, rtol=1e-6, atol=1e-7)
+
+
+def rank_records(path) -> dict[int, tuple[float, str]]:
+    return {int(step): (float(loss), digest) for step, loss, digest in (line.split() for line in
+                                                                           path.read_text().splitlines())}
+
+
+# Two CPU processes, 96 samples: 3 steps an epoch per rank, so step 7 is the middle of the third epoch. LUT draws
+# masks and view-2 colour augmentations on the device; each rank has its own streams, and each resumes its own.
+def test_ddp_ranks_draw_apart_and_each_resumes_its_own_stream(tmp_path):
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.synthetic_size", "96")
+    total, kill_at = 9, 7
+
+    def recorder(name: str) -> dict:
+        return {"class_path": "helpers.RankRecorder", "init_args": {"path": str(tmp_path / name)}}
+
+    straight = run(tmp_path, "straight", [recorder("straight")], "LUT", *ddp, total=total)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run(tmp_path, "resumed", [recorder("resumed"), {"class_path": "helpers.KillAtStep",
+                                                             "init_args": {"step": kill_at}}], "LUT", *ddp, total=total)
+    assert killed.returncode == -9
+    resumed = run(tmp_path, "resumed", [recorder("resumed")], "LUT", *ddp, total=total)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = [rank_records(tmp_path / f"straight.{rank}") for rank in (0, 1)]
+    got = [rank_records(tmp_path / f"resumed.{rank}") for rank in (0, 1)]
+    for step in range(1, total + 1):
+        assert expected[0][step][1] != expected[1][step][1], step  # the ranks' generators differ at every step
+    for rank in (0, 1):
+        assert sorted(got[rank]) == list(range(1, total + 1)) == sorted(expected[rank])
+        for step in range(kill_at + 1, total + 1):
+            (loss, digest), (want_loss, want_digest) = got[rank][step], expected[rank][step]
+            assert digest == want_digest, (rank, step)
+            assert abs(loss - want_loss) <= 1e-6 * abs(want_loss), (rank, step, loss, want_loss)
+
+
+def draws() -> tuple[list[float], float, float]:
+    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+
+def test_rng_state_gives_each_rank_its_own_stream_and_its_own_saved_state(monkeypatch):
+    states, expected = [], []
+    for seed in (11, 22):
+        seed_process(seed)
+        states.append(RNGState().state_dict()["ranks"][0])
+        expected.append(draws())
+
+    one, rank1 = RNGState(), RNGState()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    one.setup(SimpleNamespace(global_rank=0, world_size=1), None, "fit")
+    seed_process(11)
+    one.setup(SimpleNamespace(global_rank=0, world_size=1), None, "fit")
+    assert draws() == expected[0]  # one process keeps its stream
+    rank1.setup(SimpleNamespace(global_rank=1, world_size=2), None, "fit")
+    seed_process(6)
+    fresh = draws()
+    rank1.setup(SimpleNamespace(global_rank=1, world_size=2), None, "fit")
+    assert draws() == fresh  # rank r of a multi-process run: seed + r
+
+    rank1.load_state_dict({"ranks": states})
+    assert draws() == expected[1]
+    one.load_state_dict(states[0])  # a checkpoint from before per-rank states
+    assert draws() == expected[0]
+    with pytest.warns(UserWarning, match="holds the random generator states of 1 process"):
+        rank1.load_state_dict({"ranks": states[:1]})
+    assert draws() == fresh
 
 
 def augmented_loader(workers: int):
