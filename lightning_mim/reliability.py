@@ -121,7 +121,8 @@ def _set_process_rng_state(state: dict[str, Any]) -> None:
 
 
 def seed_process(seed: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and every CUDA device) generators, as `seed_everything` does."""
+    """Seed python's, numpy's and torch's (CPU and every CUDA device) generators, as `seed_everything` does but
+    leaving its PL_GLOBAL_SEED (the run's seed, which `RNGState.setup` reads) as it is."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

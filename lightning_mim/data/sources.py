@@ -11,7 +11,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -186,9 +186,7 @@ class Transformed(Dataset):
 
         def load(position: int) -> tuple[Any, int]:
             image, label = self.dataset[position]
-            if epoch is None:
-                return self.transform(image), label
-            with seeded_generators(sample_seed(self.seed, epoch, index)):
+            with nullcontext() if epoch is None else seeded_generators(sample_seed(self.seed, epoch, index)):
                 return self.transform(image), label
 
         return first_readable(index, len(self.dataset), load, self.counter)

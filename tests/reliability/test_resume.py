@@ -20,14 +20,14 @@ from lightning_mim.reliability import RNGState, safe_load, seed_process
 TOTAL, KILL_AT = 12, 6
 
 
-def run(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL
-        ) -> subprocess.CompletedProcess:
+def run(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL,
+        samples: int = 64) -> subprocess.CompletedProcess:
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/reliability")])}
     return subprocess.run(
         cli_command("fit", *micro_args(method), "--config", str(config), "--seed_everything", "7",
-                    "--data.synthetic_size", "64", "--trainer.max_steps", str(total),
+                    "--data.synthetic_size", str(samples), "--trainer.max_steps", str(total),
                     "--trainer.default_root_dir", str(tmp_path / name),
                     "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--checkpoint.every_n_train_steps", "1",
                     *extra),
@@ -70,18 +70,19 @@ def rank_records(path) -> dict[int, tuple[float, str]]:
 # Two CPU processes, 96 samples: 3 steps an epoch per rank, so step 7 is the middle of the third epoch. LUT draws
 # masks and view-2 colour augmentations on the device; each rank has its own streams, and each resumes its own.
 def test_ddp_ranks_draw_apart_and_each_resumes_its_own_stream(tmp_path):
-    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.synthetic_size", "96")
-    total, kill_at = 9, 7
+    ddp = ("--trainer.devices", "2", "--trainer.strategy", "ddp")
+    total, kill_at, samples = 9, 7, 96
 
     def recorder(name: str) -> dict:
         return {"class_path": "helpers.RankRecorder", "init_args": {"path": str(tmp_path / name)}}
 
-    straight = run(tmp_path, "straight", [recorder("straight")], "LUT", *ddp, total=total)
+    straight = run(tmp_path, "straight", [recorder("straight")], "LUT", *ddp, total=total, samples=samples)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = run(tmp_path, "resumed", [recorder("resumed"), {"class_path": "helpers.KillAtStep",
-                                                             "init_args": {"step": kill_at}}], "LUT", *ddp, total=total)
+                                                             "init_args": {"step": kill_at}}], "LUT", *ddp,
+                 total=total, samples=samples)
     assert killed.returncode == -9
-    resumed = run(tmp_path, "resumed", [recorder("resumed")], "LUT", *ddp, total=total)
+    resumed = run(tmp_path, "resumed", [recorder("resumed")], "LUT", *ddp, total=total, samples=samples)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected = [rank_records(tmp_path / f"straight.{rank}") for rank in (0, 1)]
@@ -109,7 +110,6 @@ def test_rng_state_gives_each_rank_its_own_stream_and_its_own_saved_state(monkey
 
     one, rank1 = RNGState(), RNGState()
     monkeypatch.setenv("PL_GLOBAL_SEED", "5")
-    one.setup(SimpleNamespace(global_rank=0, world_size=1), None, "fit")
     seed_process(11)
     one.setup(SimpleNamespace(global_rank=0, world_size=1), None, "fit")
     assert draws() == expected[0]  # one process keeps its stream
