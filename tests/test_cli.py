@@ -150,5 +150,6 @@ def test_imagefolder_data_preset_trains_on_an_own_folder(tmp_path, in_chans):
     assert cli.datamodule.hparams.source == "imagefolder" and cli.trainer.global_step == 2
     images = next(iter(cli.datamodule.val_dataloader()))[0]
     assert images.shape == (8, int(in_chans), 32, 32)
-    data_row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "`configs/data/`" in line)
+    training_doc = (ROOT / "docs/training.md").read_text()
+    data_row = next(line for line in training_doc.splitlines() if "`configs/data/`" in line)
     assert "`imagefolder`" in data_row
