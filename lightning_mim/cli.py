@@ -188,6 +188,7 @@ EXTRA_COMMANDS = {
     "tokenizer": ("lightning_mim.targets.commands", "fit a k-means codebook; precompute token ids into shards"),
     "export": ("lightning_mim.eval.weights", "write a checkpoint's encoder as a timm-compatible safetensors file"),
     "evaluate": ("lightning_mim.eval.evaluate", "run k-NN / linear probe / fine-tuning on a checkpoint"),
+    "analyze": ("lightning_mim.eval.analyze", "feature spectrum and attention distance / entropy of encoders"),
     "reproduce": ("lightning_mim.reproduce.driver", "a paper's table rows (pre-train, evaluate) and its results table"),
     "compare": ("lightning_mim.reproduce.driver:main_compare", "every method under one budget: table and plot"),
 }
