@@ -21,9 +21,6 @@ a failed stage stops the paper with its log path and leaves the finished stages 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
-import json
 import os
 import shlex
 import subprocess
@@ -31,148 +28,25 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_mim.eval.evaluate import PROTOCOLS
 from lightning_mim.reproduce.papers import (
     COMPARE_ROWS, DEMO_CODEBOOK, DEMO_IMG_SIZE, DEMO_ROWS, PAPERS, DemoRow, Paper, Row,
 )
+from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage
 from lightning_mim.reproduce.presets import (
     DEMO_STEPS, EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
     torchrun_command,
 )
+from lightning_mim.reproduce.state import State, fingerprint
+from lightning_mim.reproduce.tables import finish_compare, finish_paper
 
 LOG_TAIL_LINES = 15
 # One evaluation for every method in `compare` at paper scale: MAE's linear-probe and fine-tuning recipes.
 COMPARE_LINEAR = "configs/eval/linear_mae_vit_b16_in1k.yaml"
 COMPARE_FINETUNE = "configs/eval/finetune_mae_vit_b16_in1k.yaml"
-
-
-@dataclass
-class Stage:
-    """One subprocess of a row: its command, the fingerprint that decides whether it must run, and its log."""
-
-    key: str
-    command: list[str]
-    fingerprint: str
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    after: str | None = None
-    alternative: str | None = None  # the same stage under the other launcher, printed by dry runs
-
-    def shown(self) -> str:
-        return " ".join([*(f"{name}={value}" for name, value in self.env.items()), shlex.join(self.command)])
-
-
-@dataclass
-class PlannedRun:
-    """One row of the table: a pre-training and its evaluations."""
-
-    key: str
-    method: str
-    backbone: str
-    references: tuple[Row, ...]  # the paper rows whose reported numbers stand beside this run
-    run_dir: Path  # the TensorBoard run: <out>/<key>/<pre-training fingerprint>
-    description: str
-    devices: int
-    protocols: tuple[str, ...]
-    stages: list[Stage]
-
-    @property
-    def pretrain(self) -> Stage:
-        return next(stage for stage in self.stages if stage.key.endswith("/pretrain"))
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.ckpt"
-
-
-@dataclass
-class Plan:
-    """A paper's (or the comparison's) rows, the notes its table carries, where its table goes (`out`) and the
-    preset's folder its runs, state and results share (`store`)."""
-
-    name: str
-    title: str
-    setup: Setup
-    out: Path
-    store: Path
-    notes: list[str]
-    runs: list[PlannedRun]
-
-    @property
-    def protocols(self) -> tuple[str, ...]:
-        """The table's protocols: those the runs evaluate and those the paper reports, in evaluate's order."""
-        wanted = {protocol for run in self.runs for protocol in run.protocols}
-        wanted |= {protocol for run in self.runs for row in run.references for protocol in row.reported}
-        return tuple(protocol for protocol in PROTOCOLS if protocol in wanted)
-
-
-class State:
-    """`state.json`: per stage key and fingerprint, the status of its last attempt (running, done, failed), its log,
-    its attempts and their summed wall-clock seconds. Every fingerprint keeps its own record, so a changed
-    configuration that fails, or is reverted, leaves the record of the finished one as it was. Each change is read,
-    made and written under a lock, so rows running at once, and a `reproduce` and a `compare` sharing the folder,
-    keep each other's records."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @property
-    def stages(self) -> dict[str, dict[str, dict]]:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    @contextmanager
-    def update(self) -> Iterator[dict[str, dict[str, dict]]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # flock locks an open file: each update opens its own, so threads of this process wait for each other too
-        with self.path.with_suffix(".lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            stages = self.stages
-            yield stages
-            partial = self.path.with_suffix(".json.partial")
-            partial.write_text(json.dumps(stages, indent=1, sort_keys=True) + "\n")
-            partial.replace(self.path)
-
-    def get(self, key: str, fingerprint: str) -> dict | None:
-        return self.stages.get(key, {}).get(fingerprint)
-
-    def done(self, key: str, fingerprint: str) -> bool:
-        record = self.get(key, fingerprint)
-        return record is not None and record["status"] == "done"
-
-    def start(self, stage: Stage) -> None:
-        with self.update() as stages:
-            previous = stages.get(stage.key, {}).get(stage.fingerprint) or {"attempts": 0, "seconds": 0.0}
-            stages.setdefault(stage.key, {})[stage.fingerprint] = {
-                "status": "running", "log": shown(stage.log), "attempts": previous["attempts"] + 1,
-                "seconds": previous["seconds"]}
-
-    def finish(self, stage: Stage, status: str, seconds: float) -> None:
-        with self.update() as stages:
-            record = stages[stage.key][stage.fingerprint]
-            record["status"] = status
-            record["seconds"] += seconds
-
-    def record(self, key: str, fingerprint: str) -> None:
-        """An in-process stage (logging to TensorBoard) as done."""
-        with self.update() as stages:
-            stages.setdefault(key, {})[fingerprint] = {"status": "done", "attempts": 1, "seconds": 0.0}
-
-    def seconds(self, stage: Stage) -> float:
-        return self.stages[stage.key][stage.fingerprint]["seconds"]
-
-
-def fingerprint(words: Sequence[str], *upstream: str) -> str:
-    """sha1 (10 hex digits) of a stage's arguments, a configuration file counted by its content (so the same
-    stage launched from another folder keeps its fingerprint), and of the fingerprints it depends on."""
-    parts = [f"file:{hashlib.sha1(Path(word).read_bytes()).hexdigest()}"
-             if word.endswith(".yaml") and Path(word).is_file() else word for word in words]
-    return hashlib.sha1(json.dumps([parts, list(upstream)]).encode()).hexdigest()[:10]
 
 
 def cli_command(*words: str) -> list[str]:
@@ -413,8 +287,6 @@ def setup_of(options: argparse.Namespace) -> Setup:
 
 
 def main(argv: list[str] | None = None) -> list[Plan]:
-    from lightning_mim.reproduce.tables import finish_paper
-
     parser = argparse.ArgumentParser(prog="lightning-mim reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paper", choices=(*PAPERS, "all"))
@@ -438,8 +310,6 @@ def main(argv: list[str] | None = None) -> list[Plan]:
 
 
 def main_compare(argv: list[str] | None = None) -> Plan:
-    from lightning_mim.reproduce.tables import finish_compare
-
     parser = argparse.ArgumentParser(prog="lightning-mim compare", description=plan_compare.__doc__)
     add_options(parser)
     parser.add_argument("--epochs", type=int, default=800, help="paper: the pre-training budget of every method")

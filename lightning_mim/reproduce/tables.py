@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from lightning_mim.eval.evaluate import run_name
-from lightning_mim.reproduce.driver import Plan, PlannedRun, State, fingerprint
+from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.presets import shown
+from lightning_mim.reproduce.state import State, fingerprint
 
 PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune"}
 THROUGHPUT_TAG = "train/throughput_img_s"
