@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_mim.reproduce.stats import Summary, judge, summarize
+from lightning_mim.reproduce.stats import Summary, judge, shown_summary, summarize
 
 
 def test_summary_is_mean_sample_std_and_n():
@@ -37,3 +37,9 @@ def test_one_seed_or_no_result_gives_no_verdict():
     assert (single.difference, single.noise, single.verdict) == (3.0, None, "n = 1, no verdict")
     assert judge(Summary(72.0, 1.0, 3), Summary(75.0, None, 1)).verdict == "n = 1, no verdict"
     assert judge(Summary(None, None, 0), Summary(72.0, 1.0, 3)).verdict == "no result"
+
+
+def test_summary_as_a_cell():
+    assert shown_summary(Summary(72.0, 2.0, 3)) == "72.00 ± 2.00 (n = 3)"
+    assert shown_summary(Summary(61.5, None, 1)) == "61.50 (n = 1)"
+    assert shown_summary(Summary(None, None, 0)) == "-"

@@ -8,7 +8,26 @@ from pathlib import Path
 
 from lightning_mim.eval.evaluate import PROTOCOLS
 from lightning_mim.reproduce.papers import Row
-from lightning_mim.reproduce.presets import Setup
+from lightning_mim.reproduce.presets import ReproduceError, Setup
+
+
+def seed_label(key: str, seed: int) -> str:
+    """A row at one seed, as stage keys and job names start: `<key>` at seed 0 (the layout of a single-seed run),
+    else `<key>/seed<N>`."""
+    return key if seed == 0 else f"{key}/seed{seed}"
+
+
+def seeds_note(seeds: int) -> str:
+    return (f"SEEDS={seeds}: every row pre-trained and evaluated with seeds 0..{seeds - 1} (fit's seed_everything, "
+            f"evaluate's --seed); each top-1 cell is the mean, std the sample standard deviation (n - 1; - when n = 1) "
+            f"and n the seeds with a result; img/s and wall-clock are means over the seeds.")
+
+
+def check_seeds(seeds: int) -> range:
+    """The seeds of SEEDS=seeds: 0..seeds-1."""
+    if seeds < 1:
+        raise ReproduceError(f"SEEDS must be at least 1, got {seeds}")
+    return range(seeds)
 
 
 @dataclass
@@ -29,7 +48,7 @@ class Stage:
 
 @dataclass
 class PlannedRun:
-    """One row of the table: a pre-training and its evaluations."""
+    """One row of the table at one seed: a pre-training and its evaluations."""
 
     key: str
     method: str
@@ -40,6 +59,11 @@ class PlannedRun:
     devices: int
     protocols: tuple[str, ...]
     stages: list[Stage]
+    seed: int = 0  # pre-training's seed_everything and evaluate's --seed
+
+    @property
+    def label(self) -> str:
+        return seed_label(self.key, self.seed)
 
     @property
     def pretrain(self) -> Stage:

@@ -50,3 +50,11 @@ def judge(better: Summary, worse: Summary) -> Verdict:
     if difference == 0 or abs(difference) < noise:
         return Verdict(difference, noise, WITHIN_NOISE)
     return Verdict(difference, noise, HOLDS if difference > 0 else REVERSED)
+
+
+def shown_summary(summary: Summary, digits: int = 2) -> str:
+    """`mean ± std (n = N)`, the mean alone with its n when there is no spread, "-" without values."""
+    if summary.mean is None:
+        return "-"
+    spread = "" if summary.std is None else f" ± {summary.std:.{digits}f}"
+    return f"{summary.mean:.{digits}f}{spread} (n = {summary.n})"
