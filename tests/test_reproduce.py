@@ -293,11 +293,12 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
     table = (plan.out / "table.md").read_text()
     assert "32 x 32 px" in table and "NOT paper numbers" in table
     mae = table_cells(table)["mae"]
-    assert list(mae)[3:] == ["k-NN top-1", "linear top-1", "img/s (training step)", "pre-train wall-clock h",
-                             "devices"]
+    assert list(mae)[3:] == ["k-NN top-1", "k-NN std", "k-NN n", "linear top-1", "linear std", "linear n",
+                             "img/s (training step)", "pre-train wall-clock h", "devices"]
+    assert (mae["k-NN std"], mae["k-NN n"]) == ("-", "1")  # one seed: no spread
     assert 0 <= float(mae["k-NN top-1"]) <= 100 and float(mae["pre-train wall-clock h"]) > 0
     with Image.open(plan.out / "compare.png") as plot:
-        assert plot.format == "PNG" and plot.size == (840, 540)
+        assert plot.format == "PNG" and plot.size == (1200, 600)
 
 
 def test_jobs_run_rows_at_once_and_a_shared_stage_once(tmp_path, monkeypatch):

@@ -3,14 +3,18 @@
     lightning-mim reproduce lut                                    # PRESET=demo: Fashion-MNIST on the CPU
     lightning-mim reproduce lut --preset paper --data /data/imagenet --gpus 8 --nodes 4 --dry-run
     lightning-mim reproduce all --preset smoke
+    lightning-mim reproduce lut --seeds 3                          # each row at seeds 0, 1, 2: mean, std, verdicts
 
 Each row is one pre-training (`lightning-mim fit` with the row's recipe composed with the preset's trainer and data)
 followed by its evaluations (`lightning-mim evaluate`), each a subprocess with its own log; `--jobs N` runs N rows at
 once, each process with its share of the CPU threads. Every paper of a preset, and `compare`, share one folder
 `<out>/<preset>/`: `state.json` (every stage's fingerprint, status and wall-clock seconds), `results.csv` /
 `results.md` (evaluate's rows), per row `<row>/<fingerprint>/` (the TensorBoard run, `checkpoints/`, the stage logs),
-so a run that two tables hold (MAE in LUT's table and in `compare`) trains once. Each table is written to
-`<out>/<preset>/<paper>/`: `table.md` / `table.csv` / `table.json` (the paper's numbers beside this run's).
+so a run that two tables hold (MAE in LUT's table and in `compare`) trains once. `--seeds N` runs every row N times,
+seeded 0..N-1, each seed with its own stages (`<row>/seed<k>/...`; seed 0 keeps the single-seed keys) and folder, so
+SEEDS=3 after SEEDS=1 reuses seed 0. Each table is written to `<out>/<preset>/<paper>/`: `table.md` / `table.csv` /
+`table.json` (the mean, sample std and n over the seeds beside the paper's numbers, and the verdict of each of the
+paper's claims).
 
 A stage is skipped when state.json records it done with the same fingerprint: the sha1 of its arguments, with every
 configuration file taken by its content, and of the stage it follows. A changed recipe therefore reruns its
@@ -21,9 +25,6 @@ a failed stage stops the paper with its log path and leaves the finished stages 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
-import json
 import os
 import shlex
 import subprocess
@@ -31,148 +32,25 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from lightning_mim.eval.evaluate import PROTOCOLS
 from lightning_mim.reproduce.papers import (
     COMPARE_ROWS, DEMO_CODEBOOK, DEMO_IMG_SIZE, DEMO_ROWS, PAPERS, DemoRow, Paper, Row,
 )
+from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage, check_seeds, seed_label, seeds_note
 from lightning_mim.reproduce.presets import (
     DEMO_STEPS, EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
     torchrun_command,
 )
+from lightning_mim.reproduce.state import State, fingerprint
+from lightning_mim.reproduce.tables import finish_compare, finish_paper
 
 LOG_TAIL_LINES = 15
 # One evaluation for every method in `compare` at paper scale: MAE's linear-probe and fine-tuning recipes.
 COMPARE_LINEAR = "configs/eval/linear_mae_vit_b16_in1k.yaml"
 COMPARE_FINETUNE = "configs/eval/finetune_mae_vit_b16_in1k.yaml"
-
-
-@dataclass
-class Stage:
-    """One subprocess of a row: its command, the fingerprint that decides whether it must run, and its log."""
-
-    key: str
-    command: list[str]
-    fingerprint: str
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    after: str | None = None
-    alternative: str | None = None  # the same stage under the other launcher, printed by dry runs
-
-    def shown(self) -> str:
-        return " ".join([*(f"{name}={value}" for name, value in self.env.items()), shlex.join(self.command)])
-
-
-@dataclass
-class PlannedRun:
-    """One row of the table: a pre-training and its evaluations."""
-
-    key: str
-    method: str
-    backbone: str
-    references: tuple[Row, ...]  # the paper rows whose reported numbers stand beside this run
-    run_dir: Path  # the TensorBoard run: <out>/<key>/<pre-training fingerprint>
-    description: str
-    devices: int
-    protocols: tuple[str, ...]
-    stages: list[Stage]
-
-    @property
-    def pretrain(self) -> Stage:
-        return next(stage for stage in self.stages if stage.key.endswith("/pretrain"))
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.ckpt"
-
-
-@dataclass
-class Plan:
-    """A paper's (or the comparison's) rows, the notes its table carries, where its table goes (`out`) and the
-    preset's folder its runs, state and results share (`store`)."""
-
-    name: str
-    title: str
-    setup: Setup
-    out: Path
-    store: Path
-    notes: list[str]
-    runs: list[PlannedRun]
-
-    @property
-    def protocols(self) -> tuple[str, ...]:
-        """The table's protocols: those the runs evaluate and those the paper reports, in evaluate's order."""
-        wanted = {protocol for run in self.runs for protocol in run.protocols}
-        wanted |= {protocol for run in self.runs for row in run.references for protocol in row.reported}
-        return tuple(protocol for protocol in PROTOCOLS if protocol in wanted)
-
-
-class State:
-    """`state.json`: per stage key and fingerprint, the status of its last attempt (running, done, failed), its log,
-    its attempts and their summed wall-clock seconds. Every fingerprint keeps its own record, so a changed
-    configuration that fails, or is reverted, leaves the record of the finished one as it was. Each change is read,
-    made and written under a lock, so rows running at once, and a `reproduce` and a `compare` sharing the folder,
-    keep each other's records."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @property
-    def stages(self) -> dict[str, dict[str, dict]]:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    @contextmanager
-    def update(self) -> Iterator[dict[str, dict[str, dict]]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # flock locks an open file: each update opens its own, so threads of this process wait for each other too
-        with self.path.with_suffix(".lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            stages = self.stages
-            yield stages
-            partial = self.path.with_suffix(".json.partial")
-            partial.write_text(json.dumps(stages, indent=1, sort_keys=True) + "\n")
-            partial.replace(self.path)
-
-    def get(self, key: str, fingerprint: str) -> dict | None:
-        return self.stages.get(key, {}).get(fingerprint)
-
-    def done(self, key: str, fingerprint: str) -> bool:
-        record = self.get(key, fingerprint)
-        return record is not None and record["status"] == "done"
-
-    def start(self, stage: Stage) -> None:
-        with self.update() as stages:
-            previous = stages.get(stage.key, {}).get(stage.fingerprint) or {"attempts": 0, "seconds": 0.0}
-            stages.setdefault(stage.key, {})[stage.fingerprint] = {
-                "status": "running", "log": shown(stage.log), "attempts": previous["attempts"] + 1,
-                "seconds": previous["seconds"]}
-
-    def finish(self, stage: Stage, status: str, seconds: float) -> None:
-        with self.update() as stages:
-            record = stages[stage.key][stage.fingerprint]
-            record["status"] = status
-            record["seconds"] += seconds
-
-    def record(self, key: str, fingerprint: str) -> None:
-        """An in-process stage (logging to TensorBoard) as done."""
-        with self.update() as stages:
-            stages.setdefault(key, {})[fingerprint] = {"status": "done", "attempts": 1, "seconds": 0.0}
-
-    def seconds(self, stage: Stage) -> float:
-        return self.stages[stage.key][stage.fingerprint]["seconds"]
-
-
-def fingerprint(words: Sequence[str], *upstream: str) -> str:
-    """sha1 (10 hex digits) of a stage's arguments, a configuration file counted by its content (so the same
-    stage launched from another folder keeps its fingerprint), and of the fingerprints it depends on."""
-    parts = [f"file:{hashlib.sha1(Path(word).read_bytes()).hexdigest()}"
-             if word.endswith(".yaml") and Path(word).is_file() else word for word in words]
-    return hashlib.sha1(json.dumps([parts, list(upstream)]).encode()).hexdigest()[:10]
 
 
 def cli_command(*words: str) -> list[str]:
@@ -182,12 +60,18 @@ def cli_command(*words: str) -> list[str]:
 
 def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, backbone: str,
              references: tuple[Row, ...], effective_batch: int | None, specs: list[EvalSpec],
-             extra_fit: Sequence[str] = ()) -> PlannedRun:
-    """A row's stages: the pre-training (through torchrun or sbatch at paper scale) and one evaluate per spec."""
+             extra_fit: Sequence[str] = (), seed: int = 0) -> PlannedRun:
+    """A row's stages at one seed: the pre-training (through torchrun or sbatch at paper scale) and one evaluate per
+    spec. Seed 0 adds no argument (every recipe's seed_everything is 0, evaluate's --seed defaults to 0), so its
+    fingerprints, stage keys and folder are those of a single-seed run; another seed passes `--seed_everything` to
+    fit and `--seed` to evaluate (after FIT_ARGS / EVAL_ARGS, so SEEDS wins), which gives it its own fingerprints
+    and run folder."""
     fit_args, description = pretrain_args(setup, recipe, effective_batch)
     if setup.preset == "paper" and setup.nodes > 1 and not setup.slurm:
         description += f"; torchrun: run the same command on nodes 1..{setup.nodes - 1} with their NODE_RANK"
-    fit_args += [*extra_fit, "--trainer.enable_progress_bar", "false", *setup.fit_args]
+    fit_args += [*extra_fit, "--trainer.enable_progress_bar", "false", *setup.fit_args,
+                 *(("--seed_everything", str(seed)) if seed else ())]
+    label = seed_label(key, seed)
     pretrain_fingerprint = fingerprint([*fit_args, f"devices={setup.devices}"])
     run_dir = store / key / pretrain_fingerprint
     fit_args += ["--trainer.logger.init_args.save_dir", shown(store), "--trainer.logger.init_args.name", key,
@@ -195,40 +79,42 @@ def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, back
                  "--trainer.logger.init_args.default_hp_metric", "false",
                  "--checkpoint.dirpath", shown(run_dir / "checkpoints")]
     log = run_dir / "pretrain.log"
+    job_name = label.replace("/", "-")
     if setup.preset != "paper":
-        pretrain = Stage(f"{key}/pretrain", cli_command("fit", *fit_args), pretrain_fingerprint, log)
+        pretrain = Stage(f"{label}/pretrain", cli_command("fit", *fit_args), pretrain_fingerprint, log)
     else:
         torchrun, env = torchrun_command(setup, fit_args)
-        launched = [Stage(f"{key}/pretrain", torchrun, pretrain_fingerprint, log, env),
-                    Stage(f"{key}/pretrain", sbatch_command(setup, fit_args, log, key), pretrain_fingerprint, log)]
+        launched = [Stage(f"{label}/pretrain", torchrun, pretrain_fingerprint, log, env),
+                    Stage(f"{label}/pretrain", sbatch_command(setup, fit_args, log, job_name), pretrain_fingerprint,
+                          log)]
         pretrain, other = launched[::-1] if setup.slurm else launched
         pretrain.alternative = other.shown()
     stages = [pretrain]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     for spec in specs:
-        words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args]
+        words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args, *(("--seed", str(seed)) if seed else ())]
         log = run_dir / f"evaluate-{spec.protocols.replace(',', '+')}.log"
         command = cli_command("evaluate", "--ckpt", shown(checkpoint), "--results", shown(store), *words)
         if setup.slurm:
-            command = sbatch_wrap(command, spec.devices, log, f"{key}-evaluate")
-        stages.append(Stage(f"{key}/evaluate {spec.protocols}", command,
+            command = sbatch_wrap(command, spec.devices, log, f"{job_name}-evaluate")
+        stages.append(Stage(f"{label}/evaluate {spec.protocols}", command,
                             fingerprint(words, pretrain_fingerprint), log, after=pretrain.key))
     protocols = tuple(protocol for spec in specs for protocol in spec.protocols.split(","))
-    return PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages)
+    return PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages, seed)
 
 
 def codebook_path(store: Path) -> Path:
     return store / "codebooks" / ("fmnist_" + "_".join(DEMO_CODEBOOK[1::2]) + ".safetensors")
 
 
-def demo_run(setup: Setup, store: Path, demo: DemoRow, references: tuple[Row, ...] = ()) -> PlannedRun:
-    """A method's demo (or smoke) row at the demo image size; a token method's first stage fits the demo codebook
-    (one stage key for every row that reads it, so it is fitted once; its file name holds its settings, so a changed
-    setting changes the pre-training's arguments and re-runs it)."""
+def demo_run(setup: Setup, store: Path, demo: DemoRow, references: tuple[Row, ...] = (), seed: int = 0) -> PlannedRun:
+    """A method's demo (or smoke) row at the demo image size and one seed; a token method's first stage fits the demo
+    codebook (one stage key for every row and seed that reads it, so it is fitted once; its file name holds its
+    settings, so a changed setting changes the pre-training's arguments and re-runs it)."""
     path = codebook_path(store)
     extra = [*demo.size_args, *(("--model.tokenizer.path", shown(path)) if demo.codebook else ())]
     run = plan_run(setup, store, demo.key, demo.method, demo.recipe, demo_backbone(setup), references, None,
-                   evaluations(setup, None), extra)
+                   evaluations(setup, None), extra, seed)
     if demo.codebook:
         words = [shown(path), *DEMO_CODEBOOK, "--source", "fashion_mnist",
                  *(("--data-dir", setup.data) if setup.data else ()),
@@ -247,7 +133,8 @@ def select(runs: list[PlannedRun], rows: Sequence[str] | None) -> list[PlannedRu
         return runs
     unknown = sorted(set(rows) - {run.key for run in runs})
     if unknown:
-        raise ReproduceError(f"unknown ROWS {','.join(unknown)}: choose from {','.join(run.key for run in runs)}")
+        keys = ",".join(dict.fromkeys(run.key for run in runs))
+        raise ReproduceError(f"unknown ROWS {','.join(unknown)}: choose from {keys}")
     return [run for run in runs if run.key in rows]
 
 
@@ -267,40 +154,45 @@ def preset_note(setup: Setup) -> str:
     return note
 
 
-def plan_paper(paper: Paper, setup: Setup, out_root: Path, rows: Sequence[str] | None = None) -> Plan:
+def plan_paper(paper: Paper, setup: Setup, out_root: Path, rows: Sequence[str] | None = None, seeds: int = 1) -> Plan:
+    """A paper's rows, each at seeds 0..seeds-1 (every row at seed 0 first, then at seed 1, ...)."""
     store = out_root / setup.preset
-    notes = [preset_note(setup), f"Paper columns: ImageNet-1k top-1 (%) as ../shared/methods/{paper.key}.md reports "
-                                 f"it; unknown: the spec has no such number."]
+    notes = [preset_note(setup), seeds_note(seeds), f"Paper columns: ImageNet-1k top-1 (%) as "
+                                                    f"../shared/methods/{paper.key}.md reports it; unknown: the spec "
+                                                    f"has no such number."]
     if setup.preset == "paper":
         runs = [plan_run(setup, store, row.key, row.method, row.recipe, row.backbone, (row,), row.effective_batch,
-                         evaluations(setup, row.finetune_recipe)) for row in paper.rows]
+                         evaluations(setup, row.finetune_recipe), seed=seed)
+                for seed in check_seeds(seeds) for row in paper.rows]
     else:
-        runs = [demo_run(setup, store, DEMO_ROWS[key], tuple(row for row in paper.rows if row.demo_key == key))
-                for key in paper.demo_keys]
+        runs = [demo_run(setup, store, DEMO_ROWS[key], tuple(row for row in paper.rows if row.demo_key == key), seed)
+                for seed in check_seeds(seeds) for key in paper.demo_keys]
         notes += [f"{row.key}: no demo row: Fashion-MNIST is grey, and {row.backbone} needs colour input"
                   for row in paper.rows if row.demo_key not in DEMO_ROWS]
     notes += [f"{row.key}: {row.note}" for row in paper.rows if row.note]
     return Plan(paper.key, paper.title, setup, store / paper.key, store, notes, select(runs, rows))
 
 
-def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None, epochs: int = 800) -> Plan:
-    """Every method that exists under one budget, one backbone, one data pipeline and one evaluation."""
+def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None, epochs: int = 800,
+                 seeds: int = 1) -> Plan:
+    """Every method that exists under one budget, one backbone, one data pipeline and one evaluation, each at seeds
+    0..seeds-1."""
     store = out_root / setup.preset
     if setup.preset == "paper":
         specs = evaluations(setup, COMPARE_FINETUNE, COMPARE_LINEAR)
         runs = [plan_run(setup, store, f"compare_{key}", row.method, row.recipe, row.backbone, (),
-                         row.effective_batch, specs, ["--trainer.max_epochs", str(epochs)])
-                for key, row in COMPARE_ROWS.items()]
+                         row.effective_batch, specs, ["--trainer.max_epochs", str(epochs)], seed)
+                for seed in check_seeds(seeds) for key, row in COMPARE_ROWS.items()]
         budget = (f"ViT-B/16 at 224 px, each method's paper recipe and effective batch for {epochs} epochs (the token "
                   f"methods with the VQ-KD tokenizer); one evaluation: k-NN, MAE's linear-probe and fine-tuning "
                   f"recipes")
     else:
-        runs = [demo_run(setup, store, demo) for demo in DEMO_ROWS.values()]
+        runs = [demo_run(setup, store, demo, seed=seed) for seed in check_seeds(seeds) for demo in DEMO_ROWS.values()]
         budget = (f"every method at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px (the SimMIM / SymMIM masks need an 8 x 8 "
                   f"patch grid), its demo recipe with the same budget, data and evaluation; the same runs as the "
                   f"papers' demo tables. Beyond Masking's de-colourisation has no row: Fashion-MNIST is grey")
     return Plan("compare", "Every method under one budget, one backbone, one data pipeline and one evaluation",
-                setup, store / "compare", store, [preset_note(setup), budget], select(runs, rows))
+                setup, store / "compare", store, [preset_note(setup), seeds_note(seeds), budget], select(runs, rows))
 
 
 def execute(stage: Stage, env: dict[str, str]) -> int:
@@ -348,7 +240,7 @@ def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
             print(text, file=file, flush=True)
 
     def run_row(run: PlannedRun) -> None:
-        say(f"# {run.key} ({run.method}, {run.backbone}): {run.description}")
+        say(f"# {run.label} ({run.method}, {run.backbone}, seed {run.seed}): {run.description}")
         for stage in run.stages:
             if failures:
                 return
@@ -400,6 +292,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                                                                  f"{DEMO_STEPS})")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each with its share of the CPU "
                                                             "threads")
+    parser.add_argument("--seeds", type=int, default=1, help="runs of every row, pre-training and evaluation seeded "
+                                                             "0..N-1: tables give mean, std and n, and each claim's "
+                                                             "verdict (seed 0 is the single-seed run)")
     parser.add_argument("--out", default="runs/reproduce", help="runs in <out>/<preset>/, tables in "
                                                                 "<out>/<preset>/<paper>/")
     parser.add_argument("--fit-args", default="", help="more `lightning-mim fit` arguments for every pre-training")
@@ -413,8 +308,6 @@ def setup_of(options: argparse.Namespace) -> Setup:
 
 
 def main(argv: list[str] | None = None) -> list[Plan]:
-    from lightning_mim.reproduce.tables import finish_paper
-
     parser = argparse.ArgumentParser(prog="lightning-mim reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paper", choices=(*PAPERS, "all"))
@@ -427,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[Plan]:
             raise ReproduceError("ROWS selects rows of one paper: use it with one paper's target (reproduce-lut, ...)")
         rows = options.rows.split(",") if options.rows else None
         for paper in PAPERS.values() if options.paper == "all" else [PAPERS[options.paper]]:
-            plan = plan_paper(paper, setup, Path(options.out), rows)
+            plan = plan_paper(paper, setup, Path(options.out), rows, options.seeds)
             state = run_plan(plan, options.dry_run, options.jobs)
             if not options.dry_run:
                 finish_paper(plan, state)
@@ -438,15 +331,13 @@ def main(argv: list[str] | None = None) -> list[Plan]:
 
 
 def main_compare(argv: list[str] | None = None) -> Plan:
-    from lightning_mim.reproduce.tables import finish_compare
-
     parser = argparse.ArgumentParser(prog="lightning-mim compare", description=plan_compare.__doc__)
     add_options(parser)
     parser.add_argument("--epochs", type=int, default=800, help="paper: the pre-training budget of every method")
     options = parser.parse_args(argv)
     try:
         plan = plan_compare(setup_of(options), Path(options.out), options.rows.split(",") if options.rows else None,
-                            options.epochs)
+                            options.epochs, options.seeds)
         state = run_plan(plan, options.dry_run, options.jobs)
         if not options.dry_run:
             finish_compare(plan, state)

@@ -1,0 +1,99 @@
+"""A plan's numbers once its stages are done: per run (a row at one seed) evaluate's latest top-1 per protocol from
+`results.csv`, the training step's `train/throughput_img_s` from TensorBoard and the pre-training's wall-clock seconds
+from `state.json`; per row, those of its seeds together."""
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_mim.eval.evaluate import run_name
+from lightning_mim.reproduce.plan import Plan, PlannedRun
+from lightning_mim.reproduce.state import State
+from lightning_mim.reproduce.stats import Summary, summarize
+
+PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune"}
+THROUGHPUT_TAG = "train/throughput_img_s"
+
+
+@dataclass
+class RunResult:
+    """One row at one seed."""
+
+    run: PlannedRun
+    top1: dict[str, float]  # protocol -> this run's top-1 (%)
+    img_per_s: float | None  # mean of the training step's logged throughput (all devices)
+    hours: float  # wall-clock of the pre-training's attempts
+
+    def metrics(self) -> dict[str, float]:
+        values = {f"reproduce/{protocol}_top1": value for protocol, value in self.top1.items()}
+        if self.img_per_s is not None:
+            values["reproduce/img_per_s"] = self.img_per_s
+        return values | {"reproduce/pretrain_hours": self.hours}
+
+
+@dataclass
+class RowResult:
+    """One row of a table: its runs at every seed, in seed order."""
+
+    seeds: list[RunResult]
+
+    @property
+    def run(self) -> PlannedRun:
+        """The row's seed-0 run (what every seed shares: key, method, backbone, references, protocols)."""
+        return self.seeds[0].run
+
+    def values(self, protocol: str) -> list[float]:
+        return [result.top1[protocol] for result in self.seeds if protocol in result.top1]
+
+    def summary(self, protocol: str) -> Summary:
+        return summarize(self.values(protocol))
+
+    def top1_of(self, protocol: str) -> Summary | str:
+        """The row's top-1 over its seeds, or why there is none: "not run" by this preset, "missing" from
+        results.csv."""
+        if protocol not in self.run.protocols:
+            return "not run"
+        summary = self.summary(protocol)
+        return summary if summary.n else "missing"
+
+    @property
+    def img_per_s(self) -> float | None:
+        logged = [result.img_per_s for result in self.seeds if result.img_per_s is not None]
+        return statistics.fmean(logged) if logged else None
+
+    @property
+    def hours(self) -> float:
+        return statistics.fmean(result.hours for result in self.seeds)
+
+
+def mean_scalar(run_dir: Path, tag: str) -> float | None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return None
+    return statistics.fmean(event.value for event in events.Scalars(tag))
+
+
+def collect(plan: Plan, state: State) -> list[RunResult]:
+    """Each run's latest evaluate row per protocol (a rerun appends newer rows), throughput and hours."""
+    with (plan.store / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    results = []
+    for run in plan.runs:
+        name = run_name(run.checkpoint)
+        top1 = {row["protocol"]: float(row["top1"]) for row in rows if row["run"] == name}
+        results.append(RunResult(run, {protocol: top1[protocol] for protocol in run.protocols if protocol in top1},
+                                 mean_scalar(run.run_dir, THROUGHPUT_TAG), state.seconds(run.pretrain) / 3600))
+    return results
+
+
+def by_row(results: list[RunResult]) -> list[RowResult]:
+    """The runs of each row together, rows in their plan order, seeds in seed order."""
+    grouped: dict[str, list[RunResult]] = {}
+    for result in results:
+        grouped.setdefault(result.run.key, []).append(result)
+    return [RowResult(sorted(seeds, key=lambda result: result.run.seed)) for seeds in grouped.values()]

@@ -1,0 +1,157 @@
+"""SEEDS=N in `reproduce` / `compare` and what the tables make of the seeds: each row planned once per seed (seed 0
+the single-seed run itself), mean / std / n per cell, each paper claim's verdict, and a plot whose labels do not
+overlap; all from hand-made results (no training)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.legend import Legend
+from matplotlib.text import Text
+from PIL import Image
+
+from lightning_mim.reproduce.driver import main as reproduce, plan_compare, plan_paper
+from lightning_mim.reproduce.papers import PAPERS
+from lightning_mim.reproduce.plan import Plan
+from lightning_mim.reproduce.plot import compare_figure, plot_compare
+from lightning_mim.reproduce.presets import Setup
+from lightning_mim.reproduce.results import RowResult, RunResult, by_row
+from lightning_mim.reproduce.tables import write_tables
+from lightning_mim.reproduce.verdicts import claims_of
+
+
+def option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_each_seed_is_its_own_run_and_seed_zero_is_the_single_seed_run(tmp_path):
+    single = plan_paper(PAPERS["mapet"], Setup("smoke"), tmp_path)
+    seeded = plan_paper(PAPERS["mapet"], Setup("smoke"), tmp_path, seeds=3)
+    assert [(run.key, run.seed) for run in seeded.runs] == [
+        (key, seed) for seed in range(3) for key in ("beit", "mapet")]  # every row at seed 0 first
+    for run, same in zip(seeded.runs[:2], single.runs):  # seed 0: the same stages, keys and folder as SEEDS=1
+        assert [(stage.key, stage.fingerprint, stage.command) for stage in run.stages] == [
+            (stage.key, stage.fingerprint, stage.command) for stage in same.stages]
+        assert run.run_dir == same.run_dir and option(run.pretrain.command, "--seed_everything") is None
+    for run in seeded.runs[2:]:
+        fit, evaluate = run.pretrain.command, run.stages[-1].command
+        assert (option(fit, "--seed_everything"), option(evaluate, "--seed")) == (str(run.seed), str(run.seed))
+        assert [stage.key for stage in run.stages[1:]] == [
+            f"{run.key}/seed{run.seed}/pretrain", f"{run.key}/seed{run.seed}/evaluate knn,linear"]
+        assert run.stages[0].key == "tokenizer/fmnist_pixels_4_32_512"  # the codebook: one stage for every seed
+    assert len({run.run_dir for run in seeded.runs}) == 6
+    assert len({stage.fingerprint for run in seeded.runs for stage in run.stages[1:]}) == 12
+    assert len({run.stages[0].fingerprint for run in seeded.runs}) == 1
+    compare = plan_compare(Setup("paper", "/data/imagenet"), tmp_path, ["compare_mae"], seeds=2).runs
+    assert [option(run.pretrain.command, "--seed_everything") for run in compare] == [None, "1"]
+    with pytest.raises(SystemExit, match="SEEDS must be at least 1, got 0"):
+        reproduce(["lut", "--preset", "smoke", "--seeds", "0", "--dry-run", "--out", str(tmp_path)])
+
+
+def results(plan: Plan, top1: dict[str, dict[str, list[float]]]) -> list[RowResult]:
+    """Hand-made results: top1[row][protocol] lists the seeds' values (fewer values: the later seeds lack it)."""
+    made = [RunResult(run, {protocol: values[run.seed] for protocol, values in top1[run.key].items()
+                            if run.seed < len(values)}, 100.0 + run.seed, 0.5 + run.seed) for run in plan.runs]
+    return by_row(made)
+
+
+def cells(table: str) -> dict[str, dict[str, str]]:
+    lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("|") and not line.startswith("| ---")]
+    header = lines[0]
+    return {line[0]: dict(zip(header, line)) for line in lines[1:] if len(line) == len(header)}
+
+
+def test_tables_give_mean_std_n_and_each_claims_verdict(tmp_path):
+    plan = plan_paper(PAPERS["lut"], Setup("demo"), tmp_path, seeds=3)
+    # MAE k-NN 70, 72, 74: mean 72, std 2; LUT 75, 76, 77: mean 76, std 1. 2 SE = 2 sqrt(4/3 + 1/3) = 2.582:
+    # +4 holds. Linear: MAE 51 +- 1, LUT 52 +- 2: +1 within noise. Fine-tune: LUT 41 +- 1, MAE 45 +- 1: reversed.
+    rows = results(plan, {"mae": {"knn": [70, 72, 74], "linear": [50, 51, 52], "finetune": [44, 45, 46]},
+                          "lut": {"knn": [75, 76, 77], "linear": [50, 52, 54], "finetune": [40, 41, 42]}})
+    table = write_tables(plan, rows, with_paper=True).read_text()
+    mae = cells(table)["mae"]
+    assert [mae[name] for name in ("k-NN top-1", "k-NN std", "k-NN n", "fine-tune top-1, paper")] == [
+        "72.00", "2.00", "3", "83.7"]
+    assert (mae["img/s (training step)"], mae["pre-train wall-clock h"]) == ("101", "1.500")  # means over seeds
+    assert "SEEDS=3: every row pre-trained and evaluated with seeds 0..2" in table
+    verdicts = {row["protocol"]: row for row in json.loads((plan.out / "table.json").read_text())["verdicts"]}
+    assert {protocol: record["verdict"] for protocol, record in verdicts.items()} == {
+        "knn": "holds", "linear": "within noise", "finetune": "reversed"}
+    knn = verdicts["knn"]
+    assert (knn["claim"], knn["better_row"], knn["worse_row"], knn["better_n"], knn["worse_n"]) == (
+        "LUT > MAE", "lut", "mae", 3, 3)
+    assert (knn["difference"], knn["two_se"]) == (pytest.approx(4.0), pytest.approx(2.5819889))
+    assert "| LUT > MAE | lut > mae | k-NN | 76.00 ± 1.00 (n = 3) | 72.00 ± 2.00 (n = 3) | +4.00 | 2.58 | holds |" \
+        in table
+    with (plan.out / "table.csv").open() as handle:
+        lut_knn = [row for row in csv.DictReader(handle) if (row["row"], row["protocol"]) == ("lut", "knn")]
+    assert [(row["top1"], row["top1_std"], row["n"], row["top1_seeds"]) for row in lut_knn] == [
+        ("76.0", "1.0", "3", "75 76 77")] * 3  # one line per paper reference (ViT-S, B, L)
+
+    # one seed on a side: no verdict; a result missing from every seed of a row: no result
+    rows = results(plan, {"mae": {"knn": [70, 72, 74], "linear": [51], "finetune": []},
+                          "lut": {"knn": [75, 76, 77], "linear": [50, 52, 54], "finetune": [40, 41, 42]}})
+    table = write_tables(plan, rows, with_paper=True).read_text()
+    mae = cells(table)["mae"]
+    assert [mae[name] for name in ("linear top-1", "linear std", "linear n", "fine-tune top-1", "fine-tune n")] == [
+        "51.00", "-", "1", "missing", "0"]
+    records = json.loads((plan.out / "table.json").read_text())["verdicts"]
+    verdicts = {record["protocol"]: record["verdict"] for record in records}
+    assert verdicts == {"knn": "holds", "linear": "n = 1, no verdict", "finetune": "no result"}
+
+
+def test_claims_per_paper_and_scale(tmp_path):
+    def pairs(plan: Plan) -> list[tuple[str, str, str]]:
+        return [(claim.label, better, worse) for claim, better, worse in claims_of(plan)]
+
+    order = ["bm_zoom_in_masking", "bm_masking", "bm_zoom_in", "bm_zoom_out", "bm_distortion", "bm_blur",
+             "bm_decolorize"]
+    letters = ["(a)+(m)", "(m)", "(a)", "(b)", "(c)", "(d)", "(e)"]
+    expected = [(f"{letters[i]} > {letters[i + 1]}", order[i], order[i + 1]) for i in range(6)]
+    assert pairs(plan_paper(PAPERS["beyond_masking"], Setup("paper", "/data/imagenet"), tmp_path)) == expected
+    assert pairs(plan_paper(PAPERS["beyond_masking"], Setup("demo"), tmp_path)) == expected  # same keys at demo
+    mapet = "MaPeT > the BEiT-style baseline (same tokenizer)"
+    assert pairs(plan_paper(PAPERS["mapet"], Setup("paper", "/data/imagenet"), tmp_path)) == [
+        (mapet, "mapet_vit_b16_vqkd", "beit_vit_b16_vqkd"), (mapet, "mapet_vit_b16_kclip", "beit_vit_b16_kclip")]
+    assert pairs(plan_paper(PAPERS["mapet"], Setup("demo"), tmp_path)) == [(mapet, "mapet", "beit")]
+    assert pairs(plan_paper(PAPERS["symmim"], Setup("demo"), tmp_path)) == [("SymMIM > SimMIM", "symmim", "simmim")]
+    compare = pairs(plan_compare(Setup("paper", "/data/imagenet"), tmp_path))
+    assert compare[:3] == [("LUT > MAE", "compare_lut", "compare_mae"),
+                           ("SymMIM > SimMIM", "compare_symmim", "compare_simmim"),
+                           (mapet, "compare_mapet", "compare_beit")] and len(compare) == 3 + 6
+    # (d) > (e) at demo scale: de-colourisation has no demo row
+    plan = plan_paper(PAPERS["beyond_masking"], Setup("demo"), tmp_path, seeds=2)
+    rows = results(plan, {run.key: {"knn": [60.0, 61.0], "linear": [50.0, 51.0], "finetune": [40.0, 41.0]}
+                          for run in plan.runs})
+    write_tables(plan, rows, with_paper=True)
+    verdicts = json.loads((plan.out / "table.json").read_text())["verdicts"]
+    assert {record["verdict"] for record in verdicts if record["worse_row"] == "bm_decolorize"} == {"not run"}
+    assert {record["verdict"] for record in verdicts if record["worse_row"] != "bm_decolorize"} == {"within noise"}
+
+
+def test_compare_plot_labels_do_not_overlap(tmp_path):
+    plan = plan_compare(Setup("demo"), tmp_path, seeds=3)
+    rows = results(plan, {run.key: {protocol: [40.0 + index, 41.0 + index, 42.0 + index]
+                                    for protocol in ("knn", "linear", "finetune")}
+                          for index, run in enumerate(plan.runs[:12])})
+    figure = compare_figure(plan, rows)
+    figure.canvas.draw()  # lays out the legends
+    renderer = figure.canvas.get_renderer()
+    found = figure.findobj(lambda artist: isinstance(artist, Text) and artist.get_visible() and artist.get_text())
+    texts = list({id(text): text for text in found}.values())  # findobj meets a legend's texts more than once
+    labels = {text.get_text() for text in texts}
+    assert {f"{row.run.key} (n = 3)" for row in rows} <= labels and "k-NN top-1" in labels
+    assert any("PRESET=demo, n = 3 seeds per row" in label for label in labels)
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes))
+                   for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    assert not overlapping
+    axes = figure.axes[0]
+    assert not axes.texts  # no label placed among the points: the rows are named in the legends outside the axes
+    assert not any(legend.get_window_extent(renderer).overlaps(axes.get_window_extent(renderer))
+                   for legend in figure.findobj(Legend))
+    plot_compare(plan, rows, tmp_path / "compare.png")
+    with Image.open(tmp_path / "compare.png") as plot:
+        assert plot.size == (1200, 600)
