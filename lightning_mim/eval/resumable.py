@@ -74,7 +74,10 @@ def resumable_trainer_arguments(folder: Path) -> dict[str, Any]:
     # beside a top-k one: this writes one file instead of two)
     checkpoint = MIMCheckpoint(dirpath=folder, filename=Path(LAST_NAME).stem, save_top_k=1, every_n_epochs=1,
                                save_on_train_epoch_end=True, enable_version_counter=False)
-    return {"callbacks": [checkpoint, RNGState()], "plugins": [AtomicCheckpointIO()], "enable_checkpointing": True}
+    # default_root_dir: a SLURM job signalled before its time limit writes its hpc_ckpt_<n>.ckpt there, and
+    # Lightning resumes from it when the job is requeued
+    return {"callbacks": [checkpoint, RNGState()], "plugins": [AtomicCheckpointIO()], "enable_checkpointing": True,
+            "default_root_dir": str(folder)}
 
 
 def resume_path(folder: Path) -> Path | None:
