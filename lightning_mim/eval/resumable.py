@@ -81,9 +81,10 @@ def resumable_trainer_arguments(folder: Path) -> dict[str, Any]:
 
 
 def resume_path(folder: Path) -> Path | None:
-    """`folder/last.ckpt` when an earlier run of the same evaluation left one."""
-    path = folder / LAST_NAME
-    return path if path.is_file() else None
+    """The newest of `folder/last.ckpt` (end of an epoch) and the `hpc_ckpt_<n>.ckpt` a signalled SLURM job wrote
+    (mid-epoch), when an earlier run of the same evaluation left one."""
+    found = [path for path in (folder / LAST_NAME, *folder.glob("hpc_ckpt_*.ckpt")) if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
 
 
 def read_result(folder: Path) -> dict[str, Any] | None:
