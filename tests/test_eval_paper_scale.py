@@ -3,15 +3,13 @@ fine-tuning / linear-probe batch is the recipe's effective batch (with the lr of
 whatever GPUS is; a device count that cannot reach it is refused."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from lightning_mim.eval.batch import BatchSplitError, split_batch
-from lightning_mim.eval.evaluate import trained_batch
+from lightning_mim.eval.batch import BatchSplitError, split_batch, trained_batch
 from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.linear import LinearProbe
 from lightning_mim.reproduce.driver import plan_compare, plan_paper
@@ -80,10 +78,8 @@ def test_fine_tuning_batch_and_lr_are_the_recipes_whatever_gpus(gpus):
         assert peak_lr(recipe, per_device, devices, accumulation) == pytest.approx(lr), recipe
         # evaluate derives the same layout from the recipe alone, and accepts the printed one
         settings = yaml.safe_load((ROOT / recipe).read_text())
-        options = argparse.Namespace(devices=str(gpus), num_nodes=1, batch_size=None, accumulate_grad_batches=None)
-        assert trained_batch(settings, options) == (per_device, accumulation)
-        options.batch_size, options.accumulate_grad_batches = per_device, accumulation
-        assert trained_batch(settings, options) == (per_device, accumulation)
+        assert trained_batch(settings, str(gpus), 1, None, None) == (per_device, accumulation)
+        assert trained_batch(settings, str(gpus), 1, per_device, accumulation) == (per_device, accumulation)
     lut = layouts["configs/eval/finetune_lut_vit_b16_in1k.yaml"]
     assert lut == {1: (32, 1, 32), 4: (32, 4, 8), 8: (32, 8, 4)}[gpus]  # the recipe's 32 per GPU
 
@@ -96,9 +92,7 @@ def test_a_device_count_that_cannot_reach_the_batch_is_refused():
     with pytest.raises(BatchSplitError):
         split_batch(1000, 128, 16)
     settings = yaml.safe_load((ROOT / "configs/eval/finetune_mae_vit_b16_in1k.yaml").read_text())
-    wrong = argparse.Namespace(devices="8", num_nodes=1, batch_size=128, accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="leave --accumulate-grad-batches out"):
-        trained_batch(settings, wrong)
+        trained_batch(settings, "8", 1, 128, 2)
     with pytest.raises(ValueError, match="give their number"):
-        trained_batch(settings, argparse.Namespace(devices="auto", num_nodes=1, batch_size=None,
-                                                   accumulate_grad_batches=None))
+        trained_batch(settings, "auto", 1, None, None)

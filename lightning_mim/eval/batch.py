@@ -3,6 +3,8 @@ with the device count is exactly the recipe's batch, so that the lr, which the r
 effective batch (`ClassifierModule.effective_batch_size` counts accumulation), is the recipe's too."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class BatchSplitError(ValueError):
     """The effective batch cannot be reached exactly on this many devices."""
@@ -24,4 +26,31 @@ def split_batch(effective_batch: int, per_device_most: int, devices: int) -> tup
     return per_device, per_rank // per_device
 
 
-__all__ = ["BatchSplitError", "split_batch"]
+def trained_batch(recipe: dict[str, Any], devices: str | int, num_nodes: int, batch_size: int | None,
+                  accumulation: int | None) -> tuple[int | None, int | None]:
+    """(per-device batch, gradient accumulation) of `evaluate`'s linear probe or fine-tuning, None where the recipe
+    and data config decide. A recipe stating `effective_batch` (the paper's) keeps it on any number of devices:
+    per-device batch (at most `batch_size`, else the recipe's `data.batch_size`) x devices x nodes x accumulation =
+    effective_batch exactly, or a clear error; a given `accumulation` must complete that product."""
+    effective = recipe.get("effective_batch")
+    if effective is None:
+        return batch_size, accumulation
+    if "accumulate_grad_batches" in (recipe.get("trainer") or {}):
+        raise ValueError("the recipe sets both effective_batch and trainer.accumulate_grad_batches: drop the "
+                         "latter, evaluate derives it from effective_batch and the device count")
+    try:
+        world = int(devices) * num_nodes
+    except ValueError:
+        raise ValueError(f"the recipe's effective batch {effective} is split over the devices: give their number "
+                         f"(--devices N, not {devices!r})") from None
+    per_device_most = batch_size or int((recipe.get("data") or {}).get("batch_size", effective))
+    if accumulation is None:
+        return split_batch(int(effective), per_device_most, world)
+    if per_device_most * world * accumulation != effective:
+        raise ValueError(f"--batch-size {per_device_most} x {world} devices x --accumulate-grad-batches "
+                         f"{accumulation} = {per_device_most * world * accumulation}, but the recipe's effective "
+                         f"batch is {effective}: leave --accumulate-grad-batches out to derive it")
+    return per_device_most, accumulation
+
+
+__all__ = ["BatchSplitError", "split_batch", "trained_batch"]

@@ -34,11 +34,10 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
-import io
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,17 +50,17 @@ import yaml
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule
-from lightning_mim.eval.batch import split_batch
+from lightning_mim.eval.batch import trained_batch
 from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.knn import extract_features, knn_accuracy
 from lightning_mim.eval.linear import LinearProbe
 from lightning_mim.eval.resumable import (
-    BestTop1, file_digest, read_result, resumable_trainer_arguments, resume_path, working_folder, write_result,
+    BestTop1, file_digest, read_result, resumable_trainer_arguments, resume_path, upgrade_csv, working_folder,
+    write_result,
 )
 from lightning_mim.eval.weights import (
     backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, read_checkpoint, save_encoder,
 )
-from lightning_mim.reliability import atomic_write
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # top1 is the final epoch's; top1_best the best validated epoch's (linear / finetune); val_images the images scored
@@ -84,9 +83,11 @@ class Encoder:
     config_hash: str
     pretrained_on: str | None = None  # the data source of the pre-training, where the checkpoint records it
 
+    _digest: str | None = field(default=None, init=False, repr=False)
+
     def digest(self) -> str:
         """sha256 of the weights file (computed once)."""
-        if not hasattr(self, "_digest"):
+        if self._digest is None:
             self._digest = file_digest(self.path)
         return self._digest
 
@@ -192,33 +193,6 @@ def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, Any]:
                         temperature=options.temperature) | {"val_images": test.shape[0], "epochs": 0}
 
 
-def trained_batch(recipe: dict[str, Any], options: argparse.Namespace) -> tuple[int | None, int | None]:
-    """(per-device batch, gradient accumulation) of a linear probe or fine-tuning, None where the recipe and data
-    config decide. A recipe stating `effective_batch` (the paper's) keeps it on any number of devices:
-    per-device (at most `--batch-size`, else the recipe's `data.batch_size`) x devices x nodes x accumulation =
-    effective_batch exactly, or a clear error; `--accumulate-grad-batches` must then complete that product."""
-    effective = recipe.get("effective_batch")
-    accumulation = options.accumulate_grad_batches
-    if effective is None:
-        return options.batch_size, accumulation
-    if "accumulate_grad_batches" in (recipe.get("trainer") or {}):
-        raise ValueError("the recipe sets both effective_batch and trainer.accumulate_grad_batches: drop the "
-                         "latter, evaluate derives it from effective_batch and the device count")
-    try:
-        world = int(options.devices) * options.num_nodes
-    except ValueError:
-        raise ValueError(f"the recipe's effective batch {effective} is split over the devices: give their number "
-                         f"(--devices N, not {options.devices!r})") from None
-    per_device_most = options.batch_size or int((recipe.get("data") or {}).get("batch_size", effective))
-    if accumulation is None:
-        return split_batch(int(effective), per_device_most, world)
-    if per_device_most * world * accumulation != effective:
-        raise ValueError(f"--batch-size {per_device_most} x {world} devices x --accumulate-grad-batches "
-                         f"{accumulation} = {per_device_most * world * accumulation}, but the recipe's effective "
-                         f"batch is {effective}: leave --accumulate-grad-batches out to derive it")
-    return per_device_most, accumulation
-
-
 def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
                 callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train a linear probe or a fine-tuned classifier from its recipe in its working folder (see
@@ -235,7 +209,8 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
     if epochs % validate_every:
         raise ValueError(f"the recipe validates every {validate_every} epochs, which misses the last of {epochs}: "
                          f"choose a number of epochs divisible by {validate_every}")
-    per_device, accumulation = trained_batch(recipe, options)
+    per_device, accumulation = trained_batch(recipe, options.devices, options.num_nodes, options.batch_size,
+                                             options.accumulate_grad_batches)
     data = data_arguments(options, recipe.get("data"), encoder.config)
     if per_device is not None:
         data["batch_size"] = per_device
@@ -266,6 +241,8 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
     if ckpt_path is not None:
         print(f"{protocol}: resuming from {ckpt_path}", flush=True)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if "val/top1" not in trainer.callback_metrics:  # killed after the last epoch's checkpoint: nothing left to train
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {name: float(trainer.callback_metrics[f"val/{name}"]) * 100.0 for name in ("top1", "top5")}
     result = metrics | {"top1_best": best.best * 100.0, "best_epoch": best.best_epoch, "epochs": epochs,
                         "val_images": int(trainer.callback_metrics["val/images"])}
@@ -280,7 +257,7 @@ def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
     cells empty); an older results.md gets today's header before the new rows."""
     results_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = results_dir / "results.csv", results_dir / "results.md"
-    upgrade_csv(csv_path)
+    upgrade_csv(csv_path, COLUMNS)
     new_csv, new_md = not csv_path.exists(), not md_path.exists()
     header = "| " + " | ".join(COLUMNS) + " |"
     if not new_md and header not in md_path.read_text().splitlines():
@@ -296,23 +273,6 @@ def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(header + "\n|" + "---|" * len(COLUMNS) + "\n")
         for row in rows:
             handle.write("| " + " | ".join(str(row[column]) for column in COLUMNS) + " |\n")
-
-
-def upgrade_csv(path: Path) -> None:
-    """Rewrite a results.csv whose header lacks some of `COLUMNS` with all of them (atomically)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows, fields = list(reader), reader.fieldnames or []
-    if list(fields) == list(COLUMNS):
-        return
-    extra = [field for field in fields if field not in COLUMNS]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=[*COLUMNS, *extra], restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) -> list[dict[str, Any]]:

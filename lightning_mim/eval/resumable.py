@@ -5,11 +5,13 @@ resumes from `last.ckpt` (same data order, same lr step) or, when `result.json` 
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 
@@ -87,6 +89,24 @@ def resume_path(folder: Path) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
 
 
+def upgrade_csv(path: Path, columns: Sequence[str]) -> None:
+    """Rewrite a results.csv written with other columns (an older version's) with `columns` first, its rows kept
+    (new cells empty), so that rows appended with today's columns stay readable (atomically)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows, fields = list(reader), reader.fieldnames or []
+    if list(fields) == list(columns):
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=[*columns, *(field for field in fields if field not in columns)],
+                            restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode()))
+
+
 def read_result(folder: Path) -> dict[str, Any] | None:
     path = folder / RESULT_NAME
     return json.loads(path.read_text()) if path.is_file() else None
@@ -96,5 +116,5 @@ def write_result(folder: Path, result: dict[str, Any]) -> None:
     atomic_write(folder / RESULT_NAME, lambda handle: handle.write(json.dumps(result, indent=1).encode()))
 
 
-__all__ = ["BestTop1", "file_digest", "read_result", "resumable_trainer_arguments", "resume_path",
+__all__ = ["BestTop1", "file_digest", "read_result", "resumable_trainer_arguments", "resume_path", "upgrade_csv",
            "working_folder", "write_result"]
