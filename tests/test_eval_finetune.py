@@ -145,6 +145,7 @@ def test_eval_recipes(name: str) -> None:
     module_class = LinearProbe if name.startswith("linear") else FineTune
     module = module_class(MICRO, num_classes=10, **recipe["model"])
     assert module.optim_config.peak_lr(batch) == pytest.approx(peak)
+    assert recipe.get("effective_batch", batch) == batch  # a pinned batch is the one its lr rule is checked at
     if decay is not None:
         assert module.layer_decay == decay
 

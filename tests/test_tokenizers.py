@@ -111,7 +111,10 @@ def test_check_matches_and_bad_input(tmp_path: Path) -> None:
         build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "input_size": 32})
     with pytest.raises(ValueError, match="fitted on 4-px patches but tokenizer.patch_size is 8"):
         build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "patch_size": 8})
-    with pytest.raises(ValueError, match="has a vocabulary of 16 but tokenizer.vocab_size is 512"):
+    with pytest.raises(ValueError, match=r"cb.safetensors was fitted with vocab_size 16 \(the recipe: 512\): it is "
+                                         r"not the codebook the recipe asks for. Fit that one with: lightning-mim "
+                                         r"tokenizer fit \S+cb.safetensors --features pixels --vocab-size 512 "
+                                         r"--source fashion_mnist"):
         build_tokenizer({"kind": "kmeans", "path": str(tmp_path / "cb.safetensors"), "vocab_size": 512})
 
 

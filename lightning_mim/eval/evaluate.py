@@ -17,7 +17,17 @@ image size and channels (`--adapt-images` resizes and converts them instead), ex
 the same source at another size (the SimMIM / SymMIM demos: Fashion-MNIST at 32 px) is evaluated at its size.
 Linear / fine-tune recipes (`--linear-config`, `--finetune-config`, YAML with `model:` = LinearProbe / FineTune
 keyword arguments, `data:` and `trainer:`) default to the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`,
-`--finetune-epochs`) overrides their `trainer.max_epochs`. The reported accuracy is the one after the last epoch.
+`--finetune-epochs`) overrides their `trainer.max_epochs`. A recipe's top-level `effective_batch` (the paper's) is kept
+on any `--devices` x `--num-nodes` through the per-device batch and gradient accumulation; its
+`trainer.check_val_every_n_epoch` (default: the last epoch only) sets how often the val set is scored.
+
+Results: `top1` / `top5` after the last epoch, `top1_best` the best validated epoch's top-1, `val_images` the number of
+images scored (the whole val split unless `--val-subset` or the data config asks for a subset).
+
+Resuming: the linear probe and fine-tuning train in a working folder per encoder, protocol, recipe and settings under
+`--eval-dir` (default `<results>/eval`), writing `last.ckpt` atomically after every epoch; rerunning the same command
+after a kill or a SLURM requeue resumes from it (same data order and lr step), and a finished protocol's
+`result.json` is reported without training again.
 """
 from __future__ import annotations
 
@@ -27,10 +37,10 @@ import inspect
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -40,15 +50,22 @@ import yaml
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.data import MIMDataModule
+from lightning_mim.eval.batch import trained_batch
 from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.knn import extract_features, knn_accuracy
 from lightning_mim.eval.linear import LinearProbe
+from lightning_mim.eval.resumable import (
+    BestTop1, file_digest, read_result, resumable_trainer_arguments, resume_path, upgrade_csv, working_folder,
+    write_result,
+)
 from lightning_mim.eval.weights import (
     backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, read_checkpoint, save_encoder,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp")
+# top1 is the final epoch's; top1_best the best validated epoch's (linear / finetune); val_images the images scored
+COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp", "top1_best",
+           "val_images")
 PROTOCOLS = ("knn", "linear", "finetune")
 SAVED_CONFIG_NAME = "config.yaml"  # the file LightningCLI's SaveConfigCallback writes into a run's folder
 # `Trainer.fit`'s own arguments (ckpt_path, weights_only): a run's saved config holds them, a model-only CLI does not
@@ -65,6 +82,14 @@ class Encoder:
     method: str
     config_hash: str
     pretrained_on: str | None = None  # the data source of the pre-training, where the checkpoint records it
+
+    _digest: str | None = field(default=None, init=False, repr=False)
+
+    def digest(self) -> str:
+        """sha256 of the weights file (computed once)."""
+        if self._digest is None:
+            self._digest = file_digest(self.path)
+        return self._digest
 
 
 def random_encoder(recipe: Path, workdir: Path) -> Encoder:
@@ -151,7 +176,7 @@ def eval_device(options: argparse.Namespace) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, float]:
+def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, Any]:
     datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder, options.adapt_images)
     model = MIMViT(encoder.config)
     state, report = load_encoder_state(encoder.path, encoder.config)
@@ -165,38 +190,79 @@ def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, float]:
     bank, bank_labels = extract_features(features, datamodule.knn_bank_dataloader(), device)
     test, test_labels = extract_features(features, datamodule.val_dataloader(), device)
     return knn_accuracy(bank, bank_labels, test, test_labels, datamodule.num_classes, k=options.k,
-                        temperature=options.temperature)
+                        temperature=options.temperature) | {"val_images": test.shape[0], "epochs": 0}
 
 
-def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace) -> tuple[dict[str, float], int]:
-    """Train a linear probe or a fine-tuned classifier from its recipe; returns the final val metrics and epochs."""
-    recipe_path = options.linear_config if protocol == "linear" else options.finetune_config
-    recipe = yaml.safe_load(Path(recipe_path).read_text()) or {}
+def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
+                callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Train a linear probe or a fine-tuned classifier from its recipe in its working folder (see
+    `eval.resumable`): resumed from the folder's `last.ckpt` after an interruption, not re-trained once finished.
+    Returns the final-epoch metrics (`top1`, `top5`), the best validated epoch's `top1_best` and `best_epoch`,
+    `val_images` (images scored) and `epochs`."""
+    recipe_path = Path(options.linear_config if protocol == "linear" else options.finetune_config)
+    recipe = yaml.safe_load(recipe_path.read_text()) or {}
     trainer_args = dict(recipe.get("trainer") or {})
     recipe_epochs = int(trainer_args.pop("max_epochs", 1))
     protocol_epochs = options.linear_epochs if protocol == "linear" else options.finetune_epochs
     epochs = next(value for value in (protocol_epochs, options.epochs, recipe_epochs) if value is not None)
-    datamodule = build_datamodule(data_arguments(options, recipe.get("data"), encoder.config), encoder,
-                                  options.adapt_images)
+    validate_every = int(trainer_args.pop("check_val_every_n_epoch", epochs))
+    if epochs % validate_every:
+        raise ValueError(f"the recipe validates every {validate_every} epochs, which misses the last of {epochs}: "
+                         f"choose a number of epochs divisible by {validate_every}")
+    per_device, accumulation = trained_batch(recipe, options.devices, options.num_nodes, options.batch_size,
+                                             options.accumulate_grad_batches)
+    data = data_arguments(options, recipe.get("data"), encoder.config)
+    if per_device is not None:
+        data["batch_size"] = per_device
+    if accumulation is not None:
+        trainer_args["accumulate_grad_batches"] = accumulation
+    trainer_args |= {"accelerator": options.accelerator, "devices": options.devices, "num_nodes": options.num_nodes,
+                     "strategy": options.strategy}
+    settings = {"recipe": recipe, "epochs": epochs, "seed": options.seed, **data, **trainer_args}
+    root = Path(options.eval_dir) if options.eval_dir is not None else Path(options.results) / "eval"
+    folder = working_folder(root, encoder.run, encoder.digest(), protocol, recipe_path, settings)
+    finished = read_result(folder)
+    if finished is not None:
+        print(f"{protocol}: finished earlier, reporting {folder / 'result.json'} (delete that folder to train "
+              f"again)", flush=True)
+        return finished
+    datamodule = build_datamodule(data, encoder, options.adapt_images)
     module_class = LinearProbe if protocol == "linear" else FineTune
     L.seed_everything(options.seed, verbose=False)
     model = module_class(backbone=encoder.config, num_classes=datamodule.num_classes, pretrained=str(encoder.path),
                          **(recipe.get("model") or {}))
-    trainer_args |= {"accelerator": options.accelerator, "devices": options.devices, "num_nodes": options.num_nodes,
-                     "strategy": options.strategy}
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+    resumable = resumable_trainer_arguments(folder)
+    best = BestTop1()
+    resumable["callbacks"] += [best, *callbacks]
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_model_summary=False,
                         enable_progress_bar=options.progress, num_sanity_val_steps=0,
-                        check_val_every_n_epoch=epochs, **trainer_args)
-    trainer.fit(model, datamodule=datamodule)
+                        check_val_every_n_epoch=validate_every, **(trainer_args | resumable))
+    ckpt_path = resume_path(folder)
+    if ckpt_path is not None:
+        print(f"{protocol}: resuming from {ckpt_path}", flush=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if "val/top1" not in trainer.callback_metrics:  # killed after the last epoch's checkpoint: nothing left to train
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {name: float(trainer.callback_metrics[f"val/{name}"]) * 100.0 for name in ("top1", "top5")}
-    return metrics, epochs
+    result = metrics | {"top1_best": best.best * 100.0, "best_epoch": best.best_epoch, "epochs": epochs,
+                        "val_images": int(trainer.callback_metrics["val/images"])}
+    if trainer.is_global_zero:
+        write_result(folder, result)
+    return result
 
 
 def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows to results.csv and results.md (headers written when the files are new)."""
+    """Append rows to results.csv and results.md (headers written when the files are new). A results.csv written
+    with fewer columns (before `top1_best`, `val_images`) is first rewritten with today's, its rows kept (the new
+    cells empty); an older results.md gets today's header before the new rows."""
     results_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = results_dir / "results.csv", results_dir / "results.md"
+    upgrade_csv(csv_path, COLUMNS)
     new_csv, new_md = not csv_path.exists(), not md_path.exists()
+    header = "| " + " | ".join(COLUMNS) + " |"
+    if not new_md and header not in md_path.read_text().splitlines():
+        with md_path.open("a") as handle:
+            handle.write("\n" + header + "\n|" + "---|" * len(COLUMNS) + "\n")
     with csv_path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         if new_csv:
@@ -204,12 +270,13 @@ def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
     with md_path.open("a") as handle:
         if new_md:
-            handle.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+            handle.write(header + "\n|" + "---|" * len(COLUMNS) + "\n")
         for row in rows:
             handle.write("| " + " | ".join(str(row[column]) for column in COLUMNS) + " |\n")
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) -> list[dict[str, Any]]:
+    """`lightning-mim evaluate`; `callbacks` are added to the linear probe's and fine-tuning's trainers."""
     parser = argparse.ArgumentParser(prog="lightning-mim evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True,
@@ -229,7 +296,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--epochs", type=int, default=None, help="epochs of both linear probe and fine-tuning")
     parser.add_argument("--linear-epochs", type=int, default=None, help="default: --epochs, else the recipe's")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: --epochs, else the recipe's")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's data.batch_size")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="per-device batch (default: the recipe's data.batch_size); with a recipe's "
+                             "effective_batch, the most per device")
+    parser.add_argument("--accumulate-grad-batches", type=int, default=None,
+                        help="linear probe / fine-tuning gradient accumulation (default: derived from the recipe's "
+                             "effective_batch, else the recipe's trainer setting)")
     parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N images")
     parser.add_argument("--val-subset", type=int, default=None, help="evaluate on a seeded subset of N images")
     parser.add_argument("--knn-bank", type=int, default=None, help="k-NN bank size (training images)")
@@ -248,6 +320,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show Lightning progress bars")
     parser.add_argument("--results", default="results", help="folder of results.csv and results.md")
+    parser.add_argument("--eval-dir", default=None,
+                        help="working folders of the linear probe / fine-tuning (last.ckpt each epoch, result.json; "
+                             "default <results>/eval): a rerun resumes or reuses them")
     options = parser.parse_args(argv)
     protocols = [name.strip() for name in options.protocols.split(",") if name.strip()]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
@@ -261,14 +336,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for protocol in protocols:
             start = time.perf_counter()
             if protocol == "knn":
-                metrics, epochs = run_knn(encoder, options), 0
+                metrics = run_knn(encoder, options)
             else:
-                metrics, epochs = run_trained(protocol, encoder, options)
+                metrics = run_trained(protocol, encoder, options, callbacks)
             row = {"run": encoder.run, "method": encoder.method, "config_hash": encoder.config_hash,
                    "protocol": protocol, "top1": f"{metrics['top1']:.2f}",
                    "top5": f"{metrics['top5']:.2f}" if "top5" in metrics else "",
-                   "epochs": epochs, "seconds": f"{time.perf_counter() - start:.1f}",
-                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                   "epochs": metrics["epochs"], "seconds": f"{time.perf_counter() - start:.1f}",
+                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "top1_best": f"{metrics['top1_best']:.2f}" if "top1_best" in metrics else "",
+                   "val_images": metrics["val_images"]}
             if rank_zero_only.rank == 0:  # every DDP rank runs this loop; one writes
                 append_results(Path(options.results), [row])
             rows.append(row)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 from timm.optim import Lars
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -34,6 +35,7 @@ class ClassifierModule(L.LightningModule, abc.ABC):
         top_k = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.val_images = SumMetric()  # images scored, summed over DDP ranks
 
     @property
     def image_size(self) -> int:
@@ -74,6 +76,8 @@ class ClassifierModule(L.LightningModule, abc.ABC):
         self.log("val/loss", nn.functional.cross_entropy(logits, labels), sync_dist=True, batch_size=images.shape[0])
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=images.shape[0])
         self.log("val/top5", self.val_top5, batch_size=images.shape[0])
+        self.val_images.update(images.shape[0])
+        self.log("val/images", self.val_images, batch_size=images.shape[0])
 
     def effective_batch_size(self) -> int:
         datamodule = self.trainer.datamodule

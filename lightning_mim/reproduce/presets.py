@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from lightning_mim.eval.batch import BatchSplitError, split_batch
 from lightning_mim.methods.base import OptimConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,11 +182,26 @@ def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | 
     trained = ("--devices", str(setup.gpus), "--strategy", "ddp")
     specs = [EvalSpec("knn", common)]
     if linear_recipe is not None:
-        specs.append(EvalSpec("linear", (*common, "--linear-config", config(linear_recipe), *trained), setup.gpus))
+        specs.append(EvalSpec("linear", (*common, "--linear-config", config(linear_recipe), *trained,
+                                         *recipe_batch_args(linear_recipe, setup.gpus)), setup.gpus))
     if finetune_recipe is not None:
-        specs.append(EvalSpec("finetune", (*common, "--finetune-config", config(finetune_recipe), *trained),
-                              setup.gpus))
+        specs.append(EvalSpec("finetune", (*common, "--finetune-config", config(finetune_recipe), *trained,
+                                           *recipe_batch_args(finetune_recipe, setup.gpus)), setup.gpus))
     return specs
+
+
+def recipe_batch_args(recipe: str, gpus: int) -> tuple[str, ...]:
+    """`--batch-size` / `--accumulate-grad-batches` keeping an evaluation recipe's `effective_batch` on `gpus` GPUs
+    (evaluate derives the same on its own; printed so the command shows it); none for a recipe without one."""
+    settings = yaml.safe_load((REPO / recipe).read_text())
+    if "effective_batch" not in settings:
+        return ()
+    try:
+        per_device, accumulation = split_batch(int(settings["effective_batch"]), int(settings["data"]["batch_size"]),
+                                               gpus)
+    except BatchSplitError as error:
+        raise ReproduceError(f"{recipe}: {error} (the evaluations run on the GPUS of one node)") from None
+    return "--batch-size", str(per_device), "--accumulate-grad-batches", str(accumulation)
 
 
 def torchrun_command(setup: Setup, fit_args: list[str]) -> tuple[list[str], dict[str, str]]:

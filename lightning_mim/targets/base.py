@@ -57,6 +57,9 @@ class TokenizerConfig:
         official k-CLIP casts RN50x64 to fp16). The nearest-code search always runs in float32.
     vocab_size, patch_size: when set, the V and (k-means) patch size the tokenizer must have: checked when it is
         built, and written into the `tokenizer fit` command printed when a codebook is missing.
+    nredo, max_points_per_centroid: k-means only; when set, the restarts and faiss points per centroid the codebook
+        must have been fitted with (k-CLIP: 5 and 512, where `tokenizer fit` defaults to 1 and 256): a codebook
+        recording other settings is refused with the `tokenizer fit` command that fits the recipe's.
     vqkd_*: the VQ-KD architecture; the defaults are `vqkd_encoder_base_decoder_3x768x12_clip` (ViT-B/16, 8192 x 32
         codebook). A checkpoint of another shape fails with a message naming the differing key.
     """
@@ -69,6 +72,8 @@ class TokenizerConfig:
     compute_dtype: str | None = None
     vocab_size: int | None = None
     patch_size: int | None = None
+    nredo: int | None = None
+    max_points_per_centroid: int | None = None
     vqkd_embed_dim: int = 768
     vqkd_depth: int = 12
     vqkd_heads: int = 12

@@ -223,12 +223,26 @@ def random_pixel_codebook(path: str | Path, patch_size: int, input_size: int, in
 
 
 def fit_command_hint(config: TokenizerConfig) -> str:
-    """The `tokenizer fit` command that writes the codebook `config` asks for (on Fashion-MNIST, the CLI default)."""
+    """The `tokenizer fit` command that writes the codebook `config` asks for: on ImageNet-1k train for CLIP
+    features (k-CLIP), else on Fashion-MNIST (the CLI default)."""
     options = {"--features": config.features, "--weights": config.weights, "--patch-size": config.patch_size,
-               "--input-size": config.input_size, "--vocab-size": config.vocab_size}
+               "--input-size": config.input_size, "--vocab-size": config.vocab_size, "--nredo": config.nredo,
+               "--max-points-per-centroid": config.max_points_per_centroid, "--compute-dtype": config.compute_dtype}
+    source = ("--source imagefolder --data-dir <ImageNet-1k folder>" if config.features.startswith("open_clip")
+              else "--source fashion_mnist")
     return " ".join([f"lightning-mim tokenizer fit {config.path}",
-                     *(f"{name} {value}" for name, value in options.items() if value is not None),
-                     "--source fashion_mnist"])
+                     *(f"{name} {value}" for name, value in options.items() if value is not None), source])
+
+
+def check_fit_settings(config: TokenizerConfig, metadata: dict[str, Any]) -> None:
+    """Refuse a codebook whose recorded V, restarts or points per centroid differ from those its recipe states
+    (e.g. `tokenizer fit`'s defaults V = 512, 1 restart, 256 points per centroid where k-CLIP needs 8192, 5, 512)."""
+    differences = [f"{name} {metadata.get(name)} (the recipe: {wanted})"
+                   for name in ("vocab_size", "nredo", "max_points_per_centroid")
+                   if (wanted := getattr(config, name)) is not None and metadata.get(name) != wanted]
+    if differences:
+        raise ValueError(f"{config.path} was fitted with {', '.join(differences)}: it is not the codebook the recipe "
+                         f"asks for. Fit that one with: {fit_command_hint(config)} (or point tokenizer.path at it)")
 
 
 def load_codebook(path: str | Path, config: TokenizerConfig | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -252,6 +266,7 @@ def build_kmeans_tokenizer(config: TokenizerConfig) -> KMeansTokenizer:
     if config.path is None:
         raise ValueError("a k-means tokenizer needs `path`: the codebook written by `lightning-mim tokenizer fit`")
     centroids, meta = load_codebook(config.path, config)
+    check_fit_settings(config, meta)
     if config.features != meta["features"]:
         raise ValueError(f"{config.path} was fitted on features {meta['features']!r} but the tokenizer config asks "
                          f"for {config.features!r}; set tokenizer.features to {meta['features']!r} or fit a new "
