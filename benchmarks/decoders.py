@@ -14,7 +14,8 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lightning_mim.data.jpeg_crop import RegionResizedCrop, read_jpeg, turbojpeg
-from lightning_mim.data.sources import decode_to_tensor, seeded_generators
+from lightning_mim.data.decode import decode_to_tensor
+from lightning_mim.data.seeding import seeded_generators
 
 
 def _decode_pil(data: bytes, reduce: int = 1) -> torch.Tensor:
