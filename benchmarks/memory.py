@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from benchmarks.bench import available_methods, build_method, example_views, set_grad_checkpointing
+from benchmarks.methods import available_methods, build_method, example_views, set_grad_checkpointing
 from lightning_mim.methods import MIMMethod
 
 PROBE_BATCHES = (2, 4)

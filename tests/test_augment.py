@@ -10,8 +10,8 @@ from torchvision.transforms import v2
 
 from lightning_mim import augment as A
 from lightning_mim.data import MIMDataModule
-from lightning_mim.data.datamodule import has_device_views
-from lightning_mim.data.sources import sample_seed, seeded_generators
+from lightning_mim.data.device_views import has_device_views
+from lightning_mim.data.seeding import sample_seed, seeded_generators
 from lightning_mim.methods import LUT, MAE, SimMIM
 from lightning_mim.methods.lut import JITTER, LUTViews, WindowPaddedCrop, augment_view2, draw_colour
 from micro_methods import micro_method

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import DECODERS, available_methods, bench_methods, build_method, count_flops, main
+from benchmarks.bench import main
+from benchmarks.decoders import DECODERS
+from benchmarks.flops import count_flops
+from benchmarks.methods import available_methods, bench_methods, build_method
 from lightning_mim.methods import MAE
 
 

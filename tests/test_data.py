@@ -658,7 +658,7 @@ def test_real_ddp_fit_on_uneven_shards_ends_on_every_rank(tmp_path: Path) -> Non
 
 
 def test_seeded_generators_repeat_draws_and_restore_torch_state() -> None:
-    from lightning_mim.data.sources import sample_seed, seeded_generators
+    from lightning_mim.data.seeding import sample_seed, seeded_generators
 
     torch.manual_seed(0)
     before = torch.get_rng_state()

@@ -12,7 +12,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lightning_mim.data import MIMDataModule
 from lightning_mim.data.device_decode import EncodedImage, EncodedReader, _torch_seeded, decode_batch, decode_views
-from lightning_mim.data.sources import decode_to_tensor
+from lightning_mim.data.decode import decode_to_tensor
 from lightning_mim.methods import LUT, MAE
 from micro_methods import micro_method
 

@@ -14,8 +14,10 @@ from torchvision.transforms import v2
 from lightning_mim.data import MIMDataModule, jpeg_crop, write_shards
 from lightning_mim.data.jpeg_crop import (CropDecoder, JPEGFile, RegionResizedCrop, decode_crop, decodes_crop_region,
                                           read_jpeg)
-from lightning_mim.data.sources import (SkipCounter, TensorDecoder, Transformed, UnreadableImage, decode_to_tensor,
-                                        webdataset_pipeline)
+from lightning_mim.data.decode import TensorDecoder, decode_to_tensor
+from lightning_mim.data.seeding import Transformed
+from lightning_mim.data.shard_pipeline import webdataset_pipeline
+from lightning_mim.data.skipping import SkipCounter, UnreadableImage
 from lightning_mim.methods import LUT, MAE, BeyondMasking, SimMIM
 from micro_methods import micro_method
 from test_device_decode import write_folder

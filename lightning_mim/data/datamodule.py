@@ -2,60 +2,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning as L
 import torch
-import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
-from lightning_mim.augment import normalize, to_unit_float
-from lightning_mim.data.device_decode import DeferViews, EncodedReader, collate_encoded, decode_views
-from lightning_mim.data.fashion_mnist import FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist
-from lightning_mim.data.jpeg_crop import CropDecoder, decodes_crop_region
-from lightning_mim.data.sources import (
-    EpochSampler, NodeSplitter, SkipCounter, SkippingImageFolder, SyntheticImages, TensorDecoder, ToMode, Transformed,
-    build_imagefolder, check_token_ids, count_samples, expand_shards, read_classes, seeded_subset, webdataset_pipeline,
-)
-
-Source = Literal["fashion_mnist", "imagefolder", "webdataset", "synthetic"]
-Place = Literal["loader", "device"]  # where part of the training views is made
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_DEFAULT_STATS = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "synthetic": ((0.5,), (0.5,)),
-    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
-    "webdataset": (IMAGENET_MEAN, IMAGENET_STD),
-}
-# Streams of the seeded subset draws, so the train, val and k-NN bank subsets are independent.
-_TRAIN, _VAL, _KNN = 0, 1, 2
-
-
-def _expand_stats(values: tuple[float, ...], in_chans: int, name: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == in_chans:
-        return values
-    if len(values) == 1:
-        return values * in_chans
-    if len(values) == 3 and in_chans == 1:
-        return (sum(values) / 3,)
-    raise ValueError(f"{name} has {len(values)} values; cannot expand it to {in_chans} channels")
-
-
-def has_device_views(module: Any) -> bool:
-    """Whether the module's `loader_views` belongs to its `train_transform`: defined by the class that defines
-    train_transform or a subclass of it. A method that overrides only train_transform (written before the device
-    path) would otherwise get the views of a base class, so its views are made per image in the loader."""
-    if not callable(getattr(module, "loader_views", None)):
-        return False
-    owner = {name: next(cls for cls in type(module).__mro__ if name in vars(cls))
-             for name in ("train_transform", "loader_views")}
-    return issubclass(owner["loader_views"], owner["train_transform"])
-
+from lightning_mim.data.decode import ToMode
+from lightning_mim.data.device_decode import DeferViews, collate_encoded
+from lightning_mim.data.device_views import DeviceViews, has_device_views
+from lightning_mim.data.map_source import MapSource
+from lightning_mim.data.options import Place, Source, check_options, per_device_batch_size
+from lightning_mim.data.shard_source import ShardSource
+from lightning_mim.data.skipping import SkipCounter
+from lightning_mim.data.views import DEFAULT_STATS, eval_transform, expand_stats
 
 class MIMDataModule(L.LightningDataModule):
     """Images for masked-image-modeling pre-training and their k-NN monitoring.
@@ -134,43 +96,17 @@ class MIMDataModule(L.LightningDataModule):
         (devices x nodes x accumulate_grad_batches) images a step, which must divide exactly.
         """
         super().__init__()
-        if source not in get_args(Source):
-            raise ValueError(f"unknown source {source!r}; choose one of {', '.join(get_args(Source))}")
-        if batch_size <= 0 or num_workers < 0:
-            raise ValueError(f"need batch_size > 0 and num_workers >= 0, got {batch_size} and {num_workers}")
-        if global_batch_size is not None and global_batch_size <= 0:
-            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-        if token_ids_key is not None and source != "webdataset":
-            raise ValueError(f"token_ids_key reads ids stored in WebDataset shards (`lightning-mim tokenizer encode`), "
-                             f"not source {source!r}: use --data.source webdataset --data.train_shards PATTERN, or "
-                             f"drop token_ids_key to tokenise in the training step")
-        if not 0.0 < eval_resize_ratio <= 1.0:
-            raise ValueError(f"eval_resize_ratio must be in (0, 1], got {eval_resize_ratio}")
-        if augment_on not in get_args(Place):
-            raise ValueError(f"unknown augment_on {augment_on!r}; choose 'device' (batched on the training device) "
-                             f"or 'loader' (per image in the loader workers)")
-        if decode_on not in get_args(Place):
-            raise ValueError(f"unknown decode_on {decode_on!r}; choose 'loader' (in the loader workers) or 'device' "
-                             f"(JPEGs decoded on the training device)")
-        if decode_on == "device" and (augment_on != "device" or source not in ("imagefolder", "webdataset")):
-            raise ValueError(f"decode_on 'device' decodes JPEG files before the device-side views: it needs "
-                             f"augment_on 'device' and source 'imagefolder' or 'webdataset' (got augment_on "
-                             f"{augment_on!r}, source {source!r}); set decode_on 'loader' otherwise")
+        check_options(source=source, batch_size=batch_size, num_workers=num_workers,
+                      global_batch_size=global_batch_size, token_ids_key=token_ids_key,
+                      eval_resize_ratio=eval_resize_ratio, augment_on=augment_on, decode_on=decode_on)
         self.save_hyperparameters()
         self._image_size: int | None = None
         self._in_chans: int | None = None
         self._train_transform: Callable[[Image.Image], Any] | None = None
         self._counter: SkipCounter | None = None
         self._num_classes: int | None = None
-        self._train_set: Dataset | None = None
-        self._train_raw: Dataset | None = None
-        self._val_set: Dataset | None = None
-        self._knn_set: Dataset | None = None
-        self._train_urls: list[str] = []
-        self._val_urls: list[str] = []
-        self._train_samples: int | None = None
-        self._augment_module: Any = None  # the module whose augment_views completes the views on the device
-        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._source: MapSource | ShardSource | None = None
+        self._device_views: DeviceViews | None = None  # the views completed on the device (augment_on "device")
 
     # ------------------------------------------------------------------------------------------ model binding
     @property
@@ -201,35 +137,25 @@ class MIMDataModule(L.LightningDataModule):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self._image_size, self._in_chans, self._train_transform = int(image_size), int(in_chans), train_transform
-        self._augment_module = augment_module
+        self._device_views = None if augment_module is None else DeviceViews(
+            augment_module, train_transform, self._mode, self.mean_for(in_chans), self.std_for(in_chans),
+            self.hparams.decode_on, self.hparams.crop_decode)
 
     def mean_for(self, in_chans: int) -> tuple[float, ...]:
         """Normalisation mean for a model with in_chans channels."""
-        mean = self.hparams.mean or _DEFAULT_STATS[self.hparams.source][0]
-        return _expand_stats(mean, in_chans, "mean")
+        mean = self.hparams.mean or DEFAULT_STATS[self.hparams.source][0]
+        return expand_stats(mean, in_chans, "mean")
 
     def std_for(self, in_chans: int) -> tuple[float, ...]:
         """Normalisation std for a model with in_chans channels."""
-        std = self.hparams.std or _DEFAULT_STATS[self.hparams.source][1]
-        return _expand_stats(std, in_chans, "std")
+        std = self.hparams.std or DEFAULT_STATS[self.hparams.source][1]
+        return expand_stats(std, in_chans, "std")
 
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL image -> normalised tensor at the model's size and channel count.
-
-        imagefolder/webdataset: resize the shorter side to image_size / eval_resize_ratio, then centre-crop;
-        fashion_mnist/synthetic: resize only when the model's size differs from the native one.
-        """
-        size = self.image_size
-        steps: list[Callable] = [ToMode(self._mode)]
-        if self.hparams.source in ("imagefolder", "webdataset"):
-            steps += [transforms.Resize(int(size / self.hparams.eval_resize_ratio),
-                                        interpolation=transforms.InterpolationMode.BICUBIC),
-                      transforms.CenterCrop(size)]
-        elif size != self.native_format()[0]:
-            steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
-        steps += [transforms.ToTensor(),
-                  transforms.Normalize(self.mean_for(self.in_chans), self.std_for(self.in_chans))]
-        return transforms.Compose(steps)
+        """PIL image -> normalised tensor at the model's size and channel count (`views.eval_transform`)."""
+        native = self.native_format()
+        return eval_transform(self.hparams.source, self.image_size, None if native is None else native[0], self._mode,
+                              self.mean_for(self.in_chans), self.std_for(self.in_chans), self.hparams.eval_resize_ratio)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -240,51 +166,11 @@ class MIMDataModule(L.LightningDataModule):
             self._counter = SkipCounter()
         if self._num_classes is not None:
             return
-        hp = self.hparams
-        if hp.source == "webdataset":
-            self._setup_webdataset()
-            return
-        if hp.source == "fashion_mnist":
-            data_dir = hp.data_dir or default_fashion_mnist_dir()
-            train_raw: Dataset = ArrayImages(*load_fashion_mnist(data_dir, "train"))
-            val_raw: Dataset = ArrayImages(*load_fashion_mnist(data_dir, "test"))
-            num_classes = len(FASHION_MNIST_CLASSES)
-        elif hp.source == "imagefolder":
-            train_raw = build_imagefolder(hp.data_dir, "train", self._counter)
-            val_raw = build_imagefolder(hp.data_dir, "val", self._counter)
-            if train_raw.classes != val_raw.classes:
-                raise ValueError(f"{hp.data_dir}: train/ and val/ have different class folders "
-                                 f"({len(train_raw.classes)} vs {len(val_raw.classes)})")
-            num_classes = len(train_raw.classes)
+        if self.hparams.source == "webdataset":
+            self._source = ShardSource.build(self.hparams)
         else:
-            args = (hp.synthetic_image_size, hp.synthetic_classes, hp.seed)
-            train_raw = SyntheticImages(hp.synthetic_size, *args, stream=_TRAIN)
-            val_raw = SyntheticImages(max(hp.synthetic_size // 4, 1), *args, stream=_VAL)
-            num_classes = hp.synthetic_classes
-        self._train_raw = train_raw
-        self._train_set = seeded_subset(train_raw, hp.train_subset, hp.seed, _TRAIN)
-        self._val_set = seeded_subset(val_raw, hp.val_subset, hp.seed, _VAL)
-        self._knn_set = seeded_subset(train_raw, hp.knn_bank_size, hp.seed, _KNN)
-        self._num_classes = num_classes
-
-    def _setup_webdataset(self) -> None:
-        hp = self.hparams
-        if not hp.train_shards:
-            raise ValueError("source 'webdataset' needs --data.train_shards PATTERN (e.g. "
-                             "/data/in1k/train-{000000..001023}.tar)")
-        if hp.train_samples is not None and hp.train_samples <= 0:
-            raise ValueError(f"train_samples must be positive, got {hp.train_samples}")
-        if hp.train_subset is not None:
-            raise ValueError("train_subset is not supported for source 'webdataset' (training shards are "
-                             "resampled); lower train_samples to shorten the epoch")
-        self._train_urls = expand_shards(hp.train_shards)
-        self._val_urls = expand_shards(hp.val_shards) if hp.val_shards else []
-        self._train_samples = count_samples(self._train_urls) if hp.train_samples is None else hp.train_samples
-        if hp.token_ids_key is not None:
-            check_token_ids(self._train_urls, hp.token_ids_key)
-        classes = read_classes(self._train_urls) or read_classes(self._val_urls)
-        # -1 marks "set up, class count unknown" (shards without the writer's classes.json).
-        self._num_classes = len(classes) if classes else -1
+            self._source = MapSource.build(self.hparams, self._counter)
+        self._num_classes = self._source.num_classes
 
     def _bind_from_trainer(self) -> None:
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
@@ -303,33 +189,21 @@ class MIMDataModule(L.LightningDataModule):
         if not self._decodes_on_device or trainer is None or not trainer.training:
             return batch
         images, labels = batch
-        return decode_views(images, self._train_transform, self._mode, trainer.strategy.root_device), labels
+        return self._device_views.decode(images, trainer.strategy.root_device), labels
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Training batches of device-side views (`augment_on="device"`): uint8 -> [0, 1] floats, the module's
         `augment_views` (its draws come from the device's generator, saved in checkpoints), then normalisation.
         Other batches pass unchanged."""
         trainer = self.trainer
-        if self._augment_module is None or trainer is None or not trainer.training:
+        if self._device_views is None or trainer is None or not trainer.training:
             return batch
         views, labels = batch
-        many = isinstance(views, (tuple, list))
-        floats = [to_unit_float(view) for view in (views if many else [views])]
-        floats = self._augment_module.augment_views(floats if many else floats[0])
-        mean, std = self._stats_on(floats[0].device if many else floats.device)
-        views = [normalize(view, mean, std) for view in floats] if many else normalize(floats, mean, std)
+        views = self._device_views.complete(views)
         # what Lightning does to float inputs before the transfer (to bf16 / fp16 under "-true" precision), which
         # the uint8 batch skipped
         plugin = getattr(trainer, "precision_plugin", None)
         return (plugin.convert_input(views) if plugin is not None else views), labels
-
-    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalisation mean and std as tensors on `device`, copied there once."""
-        if device not in self._device_stats:
-            chans = self.in_chans
-            self._device_stats[device] = (torch.tensor(self.mean_for(chans)).to(device),
-                                          torch.tensor(self.std_for(chans)).to(device))
-        return self._device_stats[device]
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -345,24 +219,16 @@ class MIMDataModule(L.LightningDataModule):
     def train_dataset_size(self) -> int:
         """Training samples per epoch over all ranks (after setup)."""
         self._require_setup()
-        if self.hparams.source == "webdataset":
-            return self._train_samples
-        return len(self._train_set)
+        return self._source.train_size
 
     @property
     def batch_size(self) -> int:
         """Per-device batch size: `batch_size`, or `global_batch_size` split over devices and accumulation."""
-        hp = self.hparams
+        hp, trainer = self.hparams, self.trainer
         if hp.global_batch_size is None:
             return int(hp.batch_size)
-        world = self.trainer.world_size if self.trainer is not None else 1
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        shares = world * accumulate
-        if hp.global_batch_size % shares:
-            raise ValueError(f"global_batch_size={hp.global_batch_size} does not split over {world} device(s) x "
-                             f"{accumulate} accumulation step(s) = {shares} shares; choose a multiple of {shares} "
-                             f"or change trainer.devices / num_nodes / accumulate_grad_batches")
-        return hp.global_batch_size // shares
+        return per_device_batch_size(hp.global_batch_size, trainer.world_size if trainer is not None else 1,
+                                     trainer.accumulate_grad_batches if trainer is not None else 1)
 
     @property
     def skipped_samples(self) -> int:
@@ -385,41 +251,14 @@ class MIMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Iterable[Any]:
         """(views, label) batches; under DDP every rank yields the same number of batches."""
         self._require_setup()
-        hp = self.hparams
         transform = self.eval_transform() if self._train_transform is None else transforms.Compose(
             [ToMode(self._mode), self._train_transform])
         collate = default_collate
         if self._decodes_on_device:
             transform, collate = DeferViews(), collate_encoded
         rank, world = self._rank_world()
-        if hp.source == "webdataset":
-            batches = self._train_samples // (self.batch_size * world)
-            if batches == 0:
-                raise ValueError(f"train_samples={self._train_samples} is less than one batch of {self.batch_size} "
-                                 f"on each of {world} ranks")
-            # Each rank and worker draws shards with replacement from its own randomly seeded stream (webdataset
-            # seeds it from pid, time and urandom), so no split by rank is needed; the stream never runs out, so
-            # with_epoch cuts exactly `batches` batches on every rank.
-            pipeline = webdataset_pipeline(self._train_urls, transform, self._counter, resampled=True,
-                                           node_splitter=None, shuffle_buffer=hp.shuffle_buffer,
-                                           batch_size=self.batch_size, token_ids_key=hp.token_ids_key,
-                                           decode=self._file_decoder, collate=collate)
-            loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
-            return loader.with_epoch(batches).with_length(batches, silent=True)
-        if hp.drop_last and len(self._train_set) < self.batch_size * world:
-            raise ValueError(f"{len(self._train_set)} training samples give no full batch of {self.batch_size} on "
-                             f"each of {world} ranks; lower batch_size or set drop_last=False")
-        # StatefulDataLoader: Lightning saves its position in every checkpoint and resumes mid-epoch at the next
-        # unseen batch; the sampler's order and the per-sample augmentation seeds depend only on data.seed.
-        sampler = EpochSampler(self._train_set, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        train_set = self._train_set
-        if self._file_decoder is not None and isinstance(self._train_raw, SkippingImageFolder):
-            # the same subset of the same files, read by the device-side views' decoder
-            train_set = seeded_subset(self._train_raw.reading_with(self._file_decoder), hp.train_subset, hp.seed,
-                                      _TRAIN)
-        return StatefulDataLoader(Transformed(train_set, transform, hp.seed, self._counter),
-                                  batch_size=self.batch_size, sampler=sampler, drop_last=hp.drop_last,
-                                  collate_fn=collate, **self._loader_kwargs())
+        return self._source.train_loader(transform, self._counter, self._file_decoder, batch_size=self.batch_size,
+                                         rank=rank, world=world, collate=collate, loader_options=self._loader_kwargs())
 
     def val_dataloader(self) -> Iterable[Any]:
         """(image, label) batches of the validation split with the eval transform.
@@ -429,15 +268,9 @@ class MIMDataModule(L.LightningDataModule):
         there is no validation (an empty list).
         """
         self._require_setup()
-        hp = self.hparams
-        if hp.source == "webdataset":
-            if not self._val_urls:
-                return []
-            rank, world = self._rank_world()
-            limit = None if hp.val_subset is None else -(-hp.val_subset // world)
-            return self._shard_eval_loader(self._val_urls, NodeSplitter(rank, world), limit)
-        return DataLoader(Transformed(self._val_set, self.eval_transform()), batch_size=self.batch_size,
-                          shuffle=False, drop_last=False, **self._loader_kwargs())
+        rank, world = self._rank_world()
+        return self._source.val_loader(self.eval_transform(), self._counter, batch_size=self.batch_size, rank=rank,
+                                       world=world, loader_options=self._loader_kwargs())
 
     @property
     def val_split_by_rank(self) -> bool:
@@ -450,23 +283,22 @@ class MIMDataModule(L.LightningDataModule):
         Every rank gets the whole bank. webdataset: the first knn_bank_size samples of the train shards in order.
         """
         self._require_setup()
-        hp = self.hparams
-        if hp.source == "webdataset":
-            return self._shard_eval_loader(self._train_urls, None, hp.knn_bank_size)
-        return DataLoader(Transformed(self._knn_set, self.eval_transform()), batch_size=self.batch_size,
-                          shuffle=False, drop_last=False, **self._loader_kwargs())
+        return self._source.knn_bank_loader(self.eval_transform(), self._counter, batch_size=self.batch_size,
+                                            loader_options=self._loader_kwargs())
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _shard_eval_loader(self, urls: list[str], node_splitter: NodeSplitter | None,
-                           limit: int | None) -> Iterable[Any]:
-        """Read shards once in order with the eval transform, keeping at most `limit` samples."""
-        bs = self.batch_size
-        pipeline = webdataset_pipeline(urls, self.eval_transform(), self._counter, resampled=False,
-                                       node_splitter=node_splitter, batch_size=bs, partial_batches=True)
-        loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, **self._loader_kwargs())
-        if limit is None:
-            return loader
-        return loader.unbatched().slice(limit).batched(bs, collation_fn=default_collate, partial=True)
+    @property
+    def _train_set(self) -> Dataset:
+        """The training subset of a map-style source (after setup); `_val_set` and `_knn_set` likewise."""
+        return self._source.train
+
+    @property
+    def _val_set(self) -> Dataset:
+        return self._source.val
+
+    @property
+    def _knn_set(self) -> Dataset:
+        return self._source.knn
 
     @property
     def _mode(self) -> str:
@@ -474,19 +306,13 @@ class MIMDataModule(L.LightningDataModule):
 
     @property
     def _decodes_on_device(self) -> bool:
-        return self.hparams.decode_on == "device" and self._augment_module is not None
+        return self._device_views is not None and self._device_views.decodes_on_device
 
     @property
     def _file_decoder(self) -> Callable[[bytes, str], Any] | None:
-        """How the training loader reads image files for device-side views: the JPEG bytes left to the device
-        (decode_on device), or decoded straight to tensors; None (PIL images) for the per-image reference views."""
-        if self._augment_module is None:
-            return None
-        if self._decodes_on_device:
-            return EncodedReader(self._mode)
-        if self.hparams.crop_decode and decodes_crop_region(self._train_transform):
-            return CropDecoder(self._mode)
-        return TensorDecoder(self._mode)
+        """How the training loader reads image files for device-side views (`DeviceViews.file_decoder`); None (PIL
+        images) for the per-image reference views."""
+        return None if self._device_views is None else self._device_views.file_decoder()
 
     def native_format(self) -> tuple[int, int] | None:
         """(image size, channels) that every image of the source has: 28 x 28 grey for Fashion-MNIST,

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from lightning_mim.data.sources import decode_to_tensor, pil_luma
+from lightning_mim.data.decode import decode_to_tensor, pil_luma
 
 _JPEG = b"\xff\xd8"
 

@@ -27,7 +27,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from lightning_mim.data.sources import TensorDecoder, ToMode, UnreadableImage, decode_to_tensor, pil_luma
+from lightning_mim.data.decode import TensorDecoder, ToMode, decode_to_tensor, pil_luma
+from lightning_mim.data.skipping import UnreadableImage
 
 CONTEXT = 2  # pixels of the full image around the crop that its edge pixels' chroma upsampling reads
 _INIT_DECOMPRESS, _PIXEL_RGB = 1, 0

@@ -22,7 +22,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
-from lightning_mim.data.sources import LOAD_ERRORS, MANIFEST_FORMAT
+from lightning_mim.data.shard_files import MANIFEST_FORMAT
+from lightning_mim.data.skipping import LOAD_ERRORS
 from lightning_mim.reliability import atomic_write
 
 _SHARD_NUMBER = re.compile(r"%0?(\d*)d")

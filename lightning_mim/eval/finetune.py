@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision import transforms
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
-from lightning_mim.data.sources import ToMode
+from lightning_mim.data.decode import ToMode
 from lightning_mim.eval.linear import ClassifierModule
 from lightning_mim.eval.weights import load_encoder_state, load_into
 from lightning_mim.methods.base import OptimConfig, to_plain

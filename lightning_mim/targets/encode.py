@@ -22,8 +22,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from lightning_mim.data.shard_files import MANIFEST_FORMAT, expand_shards
+from lightning_mim.data.shard_pipeline import decode_sample
 from lightning_mim.data.shards import brace_pattern, manifest_path
-from lightning_mim.data.sources import MANIFEST_FORMAT, decode_sample, expand_shards
 from lightning_mim.reliability import atomic_write
 from lightning_mim.targets import Tokenizer, TokenizerConfig, build_tokenizer, centre_square_view
 from lightning_mim.targets.fit import resolve_device
