@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.backbone.rel_pos import combine_attention_masks, relative_position_bias
@@ -137,12 +138,11 @@ def test_export_of_a_simmim_checkpoint_loads_into_timm_beit(tmp_path: Path) -> N
     config = rel_pos_config()
     backbone = randomised(MIMViT(config))
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {f"backbone.{key}": value for key, value in backbone.state_dict().items()}
-                | {"mask_token": torch.zeros(1, 1, 128)},
-                "hyper_parameters": {"backbone": config.to_dict(), "_class_path": "lightning_mim.methods.SimMIM"}}, path)
+    state = {f"backbone.{key}": value for key, value in backbone.state_dict().items()}
+    hyper = {"backbone": config.to_dict(), "_class_path": "lightning_mim.methods.SimMIM"}
+    torch.save({"state_dict": state | {"mask_token": torch.zeros(1, 1, 128)}, "hyper_parameters": hyper}, path)
     output = main([str(path), str(tmp_path / "encoder.safetensors")])
     beit = build_timm_beit(config).eval()
-    from safetensors.torch import load_file
     beit.load_state_dict(load_file(str(output)), strict=True)
     images = torch.randn(2, 3, 16, 16)
     assert torch.equal(beit.forward_features(images), backbone.forward_full(images))

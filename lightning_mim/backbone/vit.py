@@ -1,7 +1,8 @@
 """The one ViT every method shares: timm's VisionTransformer plus what masked image modeling needs.
 
 The encoder's state dict uses timm's key names unchanged, so it loads with `strict=True` into
-`timm.create_model("vit_<size>_patch<p>_<res>", num_classes=0)` (see `timm_model_name`).
+`timm.create_model("vit_<size>_patch<p>_<res>", num_classes=0)` (see `timm_model_name`); with a relative position
+bias (`rel_pos`) its tables have timm Beit's keys and the whole encoder converts to timm's `Beit` (`timm_beit`).
 """
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ class BackboneConfig:
 
 
 def timm_model_name(config: BackboneConfig) -> str | None:
-    """timm registry name of the same architecture (None for "micro", which timm does not register)."""
-    if config.size == "micro":
+    """timm registry name of the same architecture (None for "micro", which timm does not register, and with a
+    relative position bias, which timm's VisionTransformer does not hold: see `timm_beit`)."""
+    if config.size == "micro" or config.rel_pos_bias != "none":
         return None
     return f"vit_{config.size}_patch{config.patch_size}_{config.img_size}"
 

@@ -66,7 +66,7 @@ _BEIT_QV_BIAS = re.compile(r"^(blocks\.\d+\.attn)\.(q_bias|v_bias)$")
 _MAPET_Q_KV = re.compile(r"^(blocks\.\d+\.attn)\.(q|kv)\.(weight|bias)$")
 _BEIT_GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
 _TIMM_GAMMA = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
-_REL_POS = re.compile(r"(^rel_pos_bias\.|relative_position_bias_table$|relative_position_index$)")
+_REL_POS = re.compile(r"(^rel_pos_bias\.|relative_position_bias_table$)")
 
 
 @dataclass
