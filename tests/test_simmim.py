@@ -1,14 +1,23 @@
 """SimMIM: block-random masking, mask tokens before the position embedding, the linear pixel head, L1 on masked
 pixels, its optimiser defaults and the multistep schedule; recipes print."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+from lightning_mim.backbone.init import depth_rescale_factors
 
 from lightning_mim.losses import masked_l1
 from lightning_mim.masking import simmim_masking
 from lightning_mim.methods import SimMIM
 from lightning_mim.methods.base import OptimConfig, warmup_multistep
+
+
+# the official ViT-B encoder's switches (configs/simmim/vit_b16_800ep_in1k.yaml) at micro size
+PAPER_MICRO = dict(size="micro", img_size=32, patch_size=4, pos_embed="none", rel_pos_bias="shared", qkv_bias="qv",
+                   init="simmim", timm_kwargs={"init_values": 0.1})
 
 
 def micro_simmim(img_size: int = 32, **kwargs) -> SimMIM:
@@ -119,20 +128,61 @@ def test_reconstruction_grid_pastes_predictions_into_masked_patches():
 
 # --------------------------------------------------------------------------------------------- optimiser / lr
 
-def test_optimiser_defaults_and_no_decay_on_tokens():
+def decay_split(model) -> tuple[set[str], set[str]]:
+    """(decayed, not decayed) parameter names of the model's optimiser groups."""
+    decayed = {id(p) for group in model.parameter_groups() if group["weight_decay"] > 0 for p in group["params"]}
+    names = {name for name, _ in model.named_parameters()}
+    yes = {name for name, p in model.named_parameters() if id(p) in decayed}
+    return yes, names - yes
+
+
+def test_optimiser_defaults_and_decay_groups():
     model = micro_simmim()
     config = model.optim_config
     assert (config.base_lr, config.lr_reference_batch, config.betas, config.warmup_epochs) == (
         1e-4, 512, (0.9, 0.999), 10)
     assert config.peak_lr(2048) == pytest.approx(4e-4)  # 1e-4 x 2048 / 512
-    groups = model.parameter_groups()
-    no_decay = {id(p) for group in groups if group["weight_decay"] == 0.0 for p in group["params"]}
-    names = {name for name, p in model.named_parameters() if id(p) in no_decay}
-    assert {"mask_token", "backbone.cls_token"} <= names
-    assert "backbone.blocks.0.attn.qkv.weight" not in names and "head.weight" not in names
+    decayed, not_decayed = decay_split(model)
+    assert "backbone.cls_token" in not_decayed and "mask_token" in decayed  # official ViT: only cls / pos exempt
+    assert {"backbone.blocks.0.attn.qkv.weight", "head.weight"} <= decayed
     learned = SimMIM(backbone=dict(size="micro", img_size=32, patch_size=4, pos_embed="learned"), mask_patch_size=8)
     decayed = {id(p) for group in learned.parameter_groups() if group["weight_decay"] > 0 for p in group["params"]}
     assert id(learned.backbone.pos_embed) not in decayed
+
+
+def test_paper_encoder_decays_mask_token_and_shared_table_only_beyond_the_weights():
+    """microsoft/SimMIM's ViT pre-training groups: 1-D parameters, ".bias" names, cls_token and pos_embed exempt."""
+    model = SimMIM(backbone=PAPER_MICRO, mask_patch_size=8)
+    decayed, not_decayed = decay_split(model)
+    assert {"mask_token", "backbone.rel_pos_bias.relative_position_bias_table"} <= decayed
+    assert {"backbone.cls_token", "backbone.blocks.0.attn.qkv.bias", "backbone.blocks.0.ls1.gamma",
+            "backbone.norm.weight", "head.bias"} <= not_decayed
+    assert all(name.endswith("weight") for name in decayed - {"mask_token",
+                                                               "backbone.rel_pos_bias.relative_position_bias_table"})
+    assert model.backbone.pos_embed is None
+
+
+def test_simmim_init_statistics_and_depth_rescale():
+    """Clipped trunc-normal: N(0, 1) truncated at +-1 has std sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.539560..."""
+    phi = math.exp(-0.5) / math.sqrt(2 * math.pi)
+    big_phi = 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    clipped_std = 0.02 * math.sqrt(1 - 2 * phi / (2 * big_phi - 1))
+    assert clipped_std == pytest.approx(0.02 * 0.53956, rel=1e-5)
+    assert depth_rescale_factors(3) == pytest.approx([math.sqrt(2), 2.0, math.sqrt(6)])
+    torch.manual_seed(0)
+    backbone = SimMIM(backbone=PAPER_MICRO, mask_patch_size=8).backbone
+    unscaled = torch.cat([weight.flatten() for block in backbone.blocks
+                          for weight in (block.attn.qkv.weight, block.mlp.fc1.weight)])  # 459k draws
+    assert unscaled.std().item() == pytest.approx(clipped_std, rel=0.005)
+    assert unscaled.abs().max().item() <= 0.02
+    for index, block in enumerate(backbone.blocks):
+        bound = 0.02 / math.sqrt(2 * (index + 1))
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert bound * 0.99 < weight.abs().max().item() <= bound * (1 + 1e-6)
+        assert torch.count_nonzero(block.attn.qkv.bias) == 0 and torch.all(block.ls1.gamma == 0.1)
+    for weight in (backbone.patch_embed.proj.weight, backbone.cls_token):
+        assert weight.abs().max().item() <= 0.02 and weight.std().item() == pytest.approx(clipped_std, rel=0.2)
+    assert torch.count_nonzero(backbone.rel_pos_bias.relative_position_bias_table) == 0
 
 
 def test_multistep_schedule_by_hand():

@@ -226,6 +226,13 @@ def test_lightning_run_updates_the_teacher_after_each_step_with_the_schedule():
     assert model.teacher.training
 
 
+def test_mask_token_not_decayed_as_the_spec_lists():
+    model = micro_symmim()
+    decayed = {id(p) for group in model.parameter_groups() if group["weight_decay"] > 0 for p in group["params"]}
+    assert id(model.mask_token) not in decayed and id(model.backbone.blocks[0].attn.qkv.weight) in decayed
+    assert model.optim_config.no_weight_decay == ("mask_token", "backbone.cls_token", "backbone.pos_embed")
+
+
 def test_vit_b16_shapes():
     model = SymMIM(backbone=dict(size="base", img_size=224, patch_size=16, pos_embed="learned", init="timm"))
     images = torch.randn(2, 3, 224, 224)

@@ -1,7 +1,8 @@
 """The one ViT every method shares: timm's VisionTransformer plus what masked image modeling needs.
 
 The encoder's state dict uses timm's key names unchanged, so it loads with `strict=True` into
-`timm.create_model("vit_<size>_patch<p>_<res>", num_classes=0)` (see `timm_model_name`).
+`timm.create_model("vit_<size>_patch<p>_<res>", num_classes=0)` (see `timm_model_name`); with a relative position
+bias (`rel_pos`) its tables have timm Beit's keys and the whole encoder converts to timm's `Beit` (`timm_beit`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from lightning_mim.backbone.init import init_clipped_normal_weights, init_mae_weights, init_simmim_weights
 from lightning_mim.backbone.pos_embed import sincos_1d_interleaved, sincos_2d
+from lightning_mim.backbone.rel_pos import (
+    REL_POS_BIAS_MODES, add_relative_position_bias, combine_attention_masks, relative_position_bias,
+    relative_position_tables,
+)
 
 # width, depth, heads; mlp_ratio 4 everywhere (timm / MAE sizes; "micro" is for tests and CPU demos)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -31,26 +37,32 @@ class BackboneConfig:
     """Everything that defines the shared ViT encoder.
 
     size: one of `VIT_SIZES`. pos_embed: "sincos" (fixed 2-D sin-cos, MAE), "sincos_1d" (fixed 1-D table over the
-    raster index with sine / cosine interleaved, BEiT / MAE-pytorch / Beyond Masking; a cls token gets a zero row) or
-    "learned" (trainable, timm init).
-    init: "mae" (xavier-uniform on every Linear and the flattened patch projection, N(0, .02) tokens), "timm", or
+    raster index with sine / cosine interleaved, BEiT / MAE-pytorch / Beyond Masking; a cls token gets a zero row),
+    "learned" (trainable, timm init) or "none" (no absolute positions, timm's `pos_embed='none'`: SimMIM's ViT-B).
+    init: "mae" (xavier-uniform on every Linear and the flattened patch projection, N(0, .02) tokens), "timm",
     "clipped_normal" (MAE-pytorch / Beyond Masking: Linear weights N(0, .02) truncated at +-0.02, i.e. at one std,
-    zero biases; the patch projection keeps PyTorch's default init).
+    zero biases; the patch projection keeps PyTorch's default init) or "simmim" (microsoft/SimMIM: the same clipped
+    draw over every Linear, the patch projection, cls token and learned positions, then block i's attention output
+    projection and fc2 divided by sqrt(2(i+1)); `init.init_simmim_weights`).
     qkv_bias: "qkv" (timm) or "qv" (BEiT: the key bias is fixed at zero; it stays in timm's fused `qkv.bias`, so
     state-dict keys are timm's, and a gradient mask keeps its k third at zero through every optimiser step).
+    rel_pos_bias: "none", "shared" (one BEiT relative position bias table for all blocks: SimMIM / BEiT
+    pre-training) or "per_block" (one per block: BEiT / SimMIM fine-tuning); see `rel_pos`. Needs the cls token and
+    qkv_bias "qv" (BEiT's attention, so that the encoder loads into and exports to timm's `Beit` bit-exactly).
     """
 
     size: str = "base"
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
-    pos_embed: Literal["sincos", "sincos_1d", "learned"] = "sincos"
+    pos_embed: Literal["sincos", "sincos_1d", "learned", "none"] = "sincos"
     class_token: bool = True
-    init: Literal["mae", "timm", "clipped_normal"] = "mae"
+    init: Literal["mae", "timm", "clipped_normal", "simmim"] = "mae"
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     qkv_bias: Literal["qkv", "qv"] = "qkv"
+    rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
 
     def __post_init__(self) -> None:
         if self.size not in VIT_SIZES:
@@ -61,12 +73,17 @@ class BackboneConfig:
                 f"pick an image size that is a multiple of {self.patch_size} (e.g. "
                 f"{max(self.patch_size, self.img_size // self.patch_size * self.patch_size)}) or another patch size"
             )
-        if self.pos_embed not in ("sincos", "sincos_1d", "learned"):
-            raise ValueError(f"unknown pos_embed {self.pos_embed!r}: choose 'sincos', 'sincos_1d' or 'learned'")
-        if self.init not in ("mae", "timm", "clipped_normal"):
-            raise ValueError(f"unknown init {self.init!r}: choose 'mae', 'timm' or 'clipped_normal'")
+        if self.pos_embed not in ("sincos", "sincos_1d", "learned", "none"):
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}: choose 'sincos', 'sincos_1d', 'learned' or 'none'")
+        if self.init not in ("mae", "timm", "clipped_normal", "simmim"):
+            raise ValueError(f"unknown init {self.init!r}: choose 'mae', 'timm', 'clipped_normal' or 'simmim'")
         if self.qkv_bias not in ("qkv", "qv"):
             raise ValueError(f"unknown qkv_bias {self.qkv_bias!r}: choose 'qkv' (timm) or 'qv' (BEiT, k bias 0)")
+        if self.rel_pos_bias not in REL_POS_BIAS_MODES:
+            raise ValueError(f"unknown rel_pos_bias {self.rel_pos_bias!r}: choose one of {REL_POS_BIAS_MODES}")
+        if self.rel_pos_bias != "none" and not (self.class_token and self.qkv_bias == "qv"):
+            raise ValueError(f"rel_pos_bias {self.rel_pos_bias!r} is BEiT's (a cls token, q and v biases only): set "
+                             "class_token: true and qkv_bias: qv, or rel_pos_bias: none")
 
     @classmethod
     def coerce(cls, value: "BackboneConfig | dict[str, Any]") -> "BackboneConfig":
@@ -85,13 +102,15 @@ class BackboneConfig:
         return dict(
             img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans, num_classes=0,
             global_pool="", embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0, qkv_bias=True,
-            class_token=self.class_token, drop_path_rate=self.drop_path_rate, **self.timm_kwargs,
+            class_token=self.class_token, drop_path_rate=self.drop_path_rate,
+            **({"pos_embed": "none"} if self.pos_embed == "none" else {}), **self.timm_kwargs,
         )
 
 
 def timm_model_name(config: BackboneConfig) -> str | None:
-    """timm registry name of the same architecture (None for "micro", which timm does not register)."""
-    if config.size == "micro":
+    """timm registry name of the same architecture (None for "micro", which timm does not register, and with a
+    relative position bias, which timm's VisionTransformer does not hold: see `timm_beit`)."""
+    if config.size == "micro" or config.rel_pos_bias != "none":
         return None
     return f"vit_{config.size}_patch{config.patch_size}_{config.img_size}"
 
@@ -117,10 +136,13 @@ class MIMViT(VisionTransformer):
             table = torch.cat([torch.zeros(self.num_prefix_tokens, self.embed_dim), table])
             self.pos_embed.data.copy_(table[None])
             self.pos_embed.requires_grad_(False)
+        add_relative_position_bias(self, config.rel_pos_bias)
         if config.init == "mae":
             init_mae_weights(self)
         elif config.init == "clipped_normal":
             init_clipped_normal_weights(self)
+        elif config.init == "simmim":
+            init_simmim_weights(self)
         if config.qkv_bias == "qv":
             fix_key_bias_at_zero(self)
         self.set_grad_checkpointing(config.grad_checkpointing)
@@ -167,13 +189,14 @@ class MIMViT(VisionTransformer):
                 raise ValueError("embed_patches: a mask was given without a mask_token")
             weight = mask.unsqueeze(-1).to(tokens.dtype)
             tokens = tokens * (1.0 - weight) + mask_token.to(tokens.dtype) * weight
-        return tokens + self.pos_embed[:, self.num_prefix_tokens:]
+        return tokens if self.pos_embed is None else tokens + self.pos_embed[:, self.num_prefix_tokens:]
 
     def prepend_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend the cls token (with its own position embedding, zero for sin-cos)."""
         if not self.num_prefix_tokens:
             return tokens
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
+        cls = cls.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1)
 
     def drop_path_rates(self) -> list[float]:
@@ -188,21 +211,42 @@ class MIMViT(VisionTransformer):
         draws = torch.rand(len(rates), 2, batch_size, device=device, generator=generator)
         return (draws >= rates[:, None, None]).float()
 
+    def block_attention_masks(self, attn_mask: torch.Tensor | None, length: int,
+                              positions: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Each block's SDPA mask: `attn_mask`, plus the relative position bias when the backbone has one (for the
+        tokens at `positions` (B, N) of the cls + patch sequence; None means that whole sequence, in order)."""
+        tables = relative_position_tables(self)
+        if tables is None:
+            return [attn_mask] * len(self.blocks)
+        if positions is None and length != 1 + self.num_patches:
+            raise ValueError(f"relative position bias: a sequence of {length} tokens is not the cls token and the "
+                             f"{self.num_patches} patches; pass the tokens' positions (as forward_kept does) or use "
+                             "rel_pos_bias: none")
+        biases: dict[int, torch.Tensor] = {}  # a shared table's bias is computed once
+        for table in tables:
+            if id(table) not in biases:
+                bias = relative_position_bias(table, self.relative_position_index, positions)
+                biases[id(table)] = combine_attention_masks(attn_mask, bias)
+        return [biases[id(table)] for table in tables]
+
     def forward_tokens(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                       drop_path_keep: torch.Tensor | None = None) -> torch.Tensor:
+                       drop_path_keep: torch.Tensor | None = None, positions: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """Run the transformer blocks and the final norm on a prepared sequence.
 
         `attn_mask` follows `F.scaled_dot_product_attention`: bool with True = may attend, or an additive float
         mask; shape broadcastable to (B, heads, N, N). `drop_path_keep` (depth, 2, B) replaces the blocks' own
         stochastic-depth draws (`draw_drop_path_keep`): a kept branch is scaled by 1 / (1 - rate), as in timm.
+        `positions` (B, N): where each token sits in the cls + patch sequence, for the relative position bias.
         """
         tokens = self.norm_pre(tokens)
+        masks = self.block_attention_masks(attn_mask, tokens.shape[1], positions)
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
             if drop_path_keep is None:
-                run, args = block, (tokens, attn_mask)
+                run, args = block, (tokens, masks[index])
             else:
-                run, args = _block_with_drop_path, (block, tokens, attn_mask, drop_path_keep[index])
+                run, args = _block_with_drop_path, (block, tokens, masks[index], drop_path_keep[index])
             tokens = checkpoint(run, *args, use_reentrant=False) if use_checkpoint else run(*args)
         return self.norm(tokens)
 
@@ -211,7 +255,8 @@ class MIMViT(VisionTransformer):
         """MAE encoder: encode only the patches at `keep_idx` (B, K), in that order. Returns (B, prefix + K, D)."""
         tokens = self.embed_patches(images)
         kept = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        return self.forward_tokens(self.prepend_prefix(kept), drop_path_keep=drop_path_keep)
+        positions = torch.cat([torch.zeros_like(keep_idx[:, :1]), keep_idx + 1], dim=1)
+        return self.forward_tokens(self.prepend_prefix(kept), drop_path_keep=drop_path_keep, positions=positions)
 
     def forward_masked(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor,
                        attn_mask: torch.Tensor | None = None, drop_path_keep: torch.Tensor | None = None
@@ -261,48 +306,6 @@ def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int
     return images.reshape(batch, channels, grid_h * patch_size, grid_w * patch_size)
 
 
-def reset_layer_norm(norm: nn.LayerNorm) -> None:
-    """LayerNorm at (1, 0), where it has weights."""
-    if norm.weight is not None:
-        nn.init.ones_(norm.weight)
-    if norm.bias is not None:
-        nn.init.zeros_(norm.bias)
-
-
-def init_mae_weights(module: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform on every Linear (fused qkv as one matrix), zero biases, LayerNorm (1, 0),
-    the patch projection xavier-uniform on its flattened (D, C*p*p) view, and N(0, .02) for the cls token."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.xavier_uniform_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.LayerNorm):
-            reset_layer_norm(sub)
-    patch_embed = getattr(module, "patch_embed", None)
-    if patch_embed is not None:
-        weight = patch_embed.proj.weight
-        nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))
-        if patch_embed.proj.bias is not None:
-            nn.init.zeros_(patch_embed.proj.bias)
-    cls_token = getattr(module, "cls_token", None)
-    if cls_token is not None:
-        nn.init.normal_(cls_token, std=0.02)
-
-
-def init_clipped_normal_weights(module: nn.Module, std: float = 0.02) -> None:
-    """MAE-pytorch's init (Beyond Masking's trap 13): every Linear weight N(0, std) truncated at +-std (its own
-    `trunc_normal_` passes the bounds as absolute values; empirical std about 0.54 x std), zero biases, LayerNorm
-    (1, 0). Convolutions (the patch projection) keep their PyTorch default init."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.trunc_normal_(sub.weight, std=std, a=-std, b=std)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.LayerNorm):
-            reset_layer_norm(sub)
-
-
 class KeyBiasFreeLinear(nn.Linear):
     """A fused qkv projection whose bias is used with its k third replaced by zeros (BEiT's q / v biases): that third
     gets an exact zero gradient, so it stays where it is (zero) through every optimiser step (Adam would turn the
@@ -335,4 +338,5 @@ def build_backbone(config: BackboneConfig | dict[str, Any] | None = None, **over
 
 
 __all__ = ["VIT_SIZES", "BackboneConfig", "MIMViT", "build_backbone", "KeyBiasFreeLinear", "fix_key_bias_at_zero",
-           "init_clipped_normal_weights", "init_mae_weights", "patchify", "unpatchify", "timm_model_name"]
+           "init_clipped_normal_weights", "init_mae_weights", "init_simmim_weights", "patchify", "unpatchify",
+           "timm_model_name"]

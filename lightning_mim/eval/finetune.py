@@ -1,4 +1,5 @@
-"""End-to-end fine-tuning of a pre-trained encoder as a timm VisionTransformer classifier (MAE / LUT recipe):
+"""End-to-end fine-tuning of a pre-trained encoder as a timm VisionTransformer classifier, or timm's Beit for an
+encoder with a relative position bias (MAE / LUT / SimMIM recipes):
 layer-wise lr decay, AdamW, per-step warm-up + cosine, Mixup / CutMix with label smoothing, RandAugment and random
 erasing, optional model EMA.
 
@@ -25,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision import transforms
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.backbone.timm_beit import build_timm_beit, to_beit_state
 from lightning_mim.data.decode import ToMode
 from lightning_mim.eval.linear import ClassifierModule
 from lightning_mim.eval.weights import load_encoder_state, load_into
@@ -38,12 +40,14 @@ def finetune_optim(**overrides: Any) -> OptimConfig:
                            "weight_decay": 0.05, "betas": (0.9, 0.999), "min_lr": 1e-6} | overrides))
 
 
-def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's layer-wise lr decay groups: scale layer_decay^(L+1-id) with patch_embed / cls_token / pos_embed id 0,
     block k id k+1 and everything after the blocks (norm, fc_norm, head) id L+1; no weight decay for 1-D parameters
-    and `model.no_weight_decay()` (pos_embed, cls_token)."""
-    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                    layer_decay=layer_decay)
+    and `model.no_weight_decay()` (pos_embed, cls_token). A Beit's relative position tables are decayed, as in
+    microsoft/SimMIM's and BEiT's fine-tuning (their no-decay lists hold pos_embed and cls_token only), where timm
+    exempts them. (A shared table sits in timm's stem group, id 0; SimMIM's fine-tuning has one per block.)"""
+    no_decay = {name for name in model.no_weight_decay() if "relative_position_bias_table" not in name}
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
 
 
 class FineTune(ClassifierModule):
@@ -54,6 +58,10 @@ class FineTune(ClassifierModule):
     `weights.load_encoder_state`; None starts from the project's random initialisation of the encoder. Mixup / CutMix
     with SoftTargetCrossEntropy (label smoothing inside Mixup); with mixup = cutmix = 0, cross-entropy with label
     smoothing. `ema_decay` adds a timm ModelEmaV3, evaluated as `val_ema/top1`.
+
+    An encoder with a relative position bias (`backbone.rel_pos_bias`) becomes timm's `Beit`; `rel_pos_bias`
+    ("shared" / "per_block") sets its layout there, None keeps the pre-training's: "per_block" copies a shared table
+    to every block, as microsoft/SimMIM's fine-tuning does. It has no effect on an encoder without one.
     """
 
     def __init__(self, backbone: BackboneConfig | dict[str, Any], num_classes: int, pretrained: str | None = None,
@@ -62,7 +70,8 @@ class FineTune(ClassifierModule):
                  mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
                  mixup_mode: str = "batch", smoothing: float = 0.1,
                  auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
-                 ema_decay: float | None = None, head_init_std: float = 2e-5) -> None:
+                 ema_decay: float | None = None, head_init_std: float = 2e-5,
+                 rel_pos_bias: Literal["shared", "per_block"] | None = None) -> None:
         optim = optim if isinstance(optim, OptimConfig) else finetune_optim(**(optim or {}))
         super().__init__(backbone, num_classes, optim)
         self.save_hyperparameters(to_plain({
@@ -70,14 +79,20 @@ class FineTune(ClassifierModule):
             "global_pool": global_pool, "drop_path_rate": drop_path_rate, "layer_decay": layer_decay, "optim": optim,
             "mixup": mixup, "cutmix": cutmix, "mixup_prob": mixup_prob, "mixup_switch_prob": mixup_switch_prob,
             "mixup_mode": mixup_mode, "smoothing": smoothing, "auto_augment": auto_augment, "re_prob": re_prob,
-            "ema_decay": ema_decay, "head_init_std": head_init_std}))
+            "ema_decay": ema_decay, "head_init_std": head_init_std, "rel_pos_bias": rel_pos_bias}))
         if global_pool not in ("avg", "token"):
             raise ValueError(f"unknown global_pool {global_pool!r}: choose 'avg' or 'token'")
+        if rel_pos_bias not in (None, "shared", "per_block"):
+            raise ValueError(f"unknown rel_pos_bias {rel_pos_bias!r}: choose 'shared', 'per_block' or null (keep)")
         self.layer_decay, self.auto_augment, self.re_prob = layer_decay, auto_augment, re_prob
-        self.model = VisionTransformer(**(self.backbone_config.timm_kwargs_full() | {
-            "num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path_rate}))
+        head = {"num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path_rate}
+        has_rel_pos = self.backbone_config.rel_pos_bias != "none"
+        self.model = (build_timm_beit(self.backbone_config, rel_pos_bias, **head) if has_rel_pos else
+                      VisionTransformer(**(self.backbone_config.timm_kwargs_full() | head)))
         source = Path(pretrained) if pretrained is not None else MIMViT(self.backbone_config).state_dict()
         state, report = load_encoder_state(source, self.backbone_config, global_pool=global_pool == "avg")
+        if has_rel_pos:
+            state = to_beit_state(state, self.backbone_config, rel_pos_bias)
         self.load_report = load_into(self.model, state, report, allow_missing=("head.*", "fc_norm.*"))
         nn.init.trunc_normal_(self.model.head.weight, std=head_init_std)
         nn.init.zeros_(self.model.head.bias)

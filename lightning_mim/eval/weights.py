@@ -6,12 +6,15 @@ Layouts read:
   (a LUT teacher under `teacher.backbone.*`, decoders, projectors, predictors, mask tokens) is dropped by rule;
 - MAE / LUT official checkpoints `{"model": state}`, keys optionally prefixed `module.`, `base_encoder.`, `backbone.`
   or `ema.` (Beyond Masking: `encoder.`);
-- BEiT / Beyond-Masking attention biases: separate `attn.q_bias` / `attn.v_bias` (no k bias) fused into timm's
-  `attn.qkv.bias` = (q, 0, v); layer scale `gamma_1` / `gamma_2` renamed to `ls1.gamma` / `ls2.gamma`;
+- BEiT / Beyond-Masking / SimMIM / timm `Beit` attention biases: separate `attn.q_bias` / `attn.v_bias` (no k bias)
+  fused into timm's `attn.qkv.bias` = (q, 0, v); layer scale `gamma_1` / `gamma_2` renamed to `ls1.gamma` /
+  `ls2.gamma`; relative position tables (`rel_pos_bias.*` shared, `blocks.<i>.attn.relative_position_bias_table`)
+  kept under their own keys when the target backbone has `rel_pos_bias`, their index buffers dropped;
 - MaPeT (`{"state_dict": state}` of timm's train script): separate `attn.q` and `attn.kv` linears fused into
   `attn.qkv` = cat(q, kv); `mask_positional_token` and the `decoder.*` token head are dropped.
 
-Files are read with `torch.load(..., weights_only=True)` or safetensors only, so a pickle cannot run code.
+Files are read with `torch.load(..., weights_only=True)` or safetensors only, so a pickle cannot run code
+(`encoder_files`, whose functions this module re-exports).
 `load_into` never loads with a silent `strict=False`: leftover unexpected keys, or missing keys not explicitly allowed,
 raise.
 
@@ -21,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
-import json
-import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,12 +32,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, safe_open, save
 from timm.models.vision_transformer import VisionTransformer
 
 from lightning_mim.backbone import BackboneConfig
-from lightning_mim.methods.base import to_plain
-from lightning_mim.reliability import atomic_write
+from lightning_mim.backbone.rel_pos import num_relative_entries
+from lightning_mim.backbone.timm_beit import SHARED_TABLE, to_beit_state
+from lightning_mim.eval.encoder_files import (
+    backbone_config_of, config_hash, pretraining_identity, read_checkpoint, safetensors_metadata, save_encoder,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -57,13 +59,14 @@ OFFICIAL_DROP_RULES: dict[str, str] = {
     "head.3.weight": "LUT projector",
     "predictor.*": "LUT predictor",
     "lm_head.*": "BEiT masked-token head",
+    "*relative_position_index": "relative position index buffer (recomputed from the patch grid)",
 }
 GLOBAL_POOL_DROP_RULES = {"norm.*": "final norm, replaced by fc_norm under global average pooling"}
 _BEIT_QV_BIAS = re.compile(r"^(blocks\.\d+\.attn)\.(q_bias|v_bias)$")
 _MAPET_Q_KV = re.compile(r"^(blocks\.\d+\.attn)\.(q|kv)\.(weight|bias)$")
 _BEIT_GAMMA = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
 _TIMM_GAMMA = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
-_REL_POS = re.compile(r"(^rel_pos_bias\.|relative_position_bias_table$|relative_position_index$)")
+_REL_POS = re.compile(r"(^rel_pos_bias\.|relative_position_bias_table$)")
 
 
 @dataclass
@@ -88,33 +91,24 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint as plain data: safetensors for `.safetensors`, else `torch.load(weights_only=True)`.
-
-    A pickle that needs anything beyond tensors, plain containers and `argparse.Namespace` (the `args` entry of MAE /
-    LUT training checkpoints, plain attribute storage) is refused (`pickle.UnpicklingError`) without running it.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise pickle.UnpicklingError(
-            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
-            f"(only weights_only=True loading is allowed). {error}") from None
-
-
 def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
 
 
-def _target_model(config: BackboneConfig, global_pool: bool, num_classes: int = 0) -> nn.Module:
-    # Built on the meta device: only names and shapes are needed.
+def _expected_state(config: BackboneConfig, global_pool: bool, num_classes: int = 0) -> StateDict:
+    """The target's keys and shapes (meta tensors): timm's VisionTransformer plus the relative position tables of a
+    MIMViT with `rel_pos_bias`, under their MIMViT keys."""
     with torch.device("meta"):
-        return VisionTransformer(**(config.timm_kwargs_full() | {"global_pool": "avg" if global_pool else "",
-                                                                 "num_classes": num_classes}))
+        model = VisionTransformer(**(config.timm_kwargs_full() | {"global_pool": "avg" if global_pool else "",
+                                                                  "num_classes": num_classes}))
+        state = model.state_dict()
+        shape = (num_relative_entries(model.patch_embed.grid_size), model.blocks[0].attn.num_heads)
+        if config.rel_pos_bias == "shared":
+            state[SHARED_TABLE] = torch.empty(shape)
+        elif config.rel_pos_bias == "per_block":
+            state |= {f"blocks.{index}.attn.relative_position_bias_table": torch.empty(shape)
+                      for index in range(len(model.blocks))}
+    return state
 
 
 def _strip_prefixes(key: str) -> str:
@@ -154,7 +148,7 @@ def _fuse(parts: dict[str, dict[str, torch.Tensor]], needed: tuple[str, ...],
 
 
 def _from_official(state: Mapping[str, torch.Tensor], report: LoadReport, global_pool: bool,
-                   has_layer_scale: bool) -> StateDict:
+                   has_layer_scale: bool, has_rel_pos: bool) -> StateDict:
     rules = OFFICIAL_DROP_RULES | (GLOBAL_POOL_DROP_RULES if global_pool else {})
     encoder: StateDict = {}
     qv_bias: dict[str, dict[str, torch.Tensor]] = {}
@@ -181,9 +175,10 @@ def _from_official(state: Mapping[str, torch.Tensor], report: LoadReport, global
             report.notes.append(f"{original}: layer scale in the checkpoint but the target ViT has none (set "
                                 "backbone.timm_kwargs.init_values)")
             continue
-        if _REL_POS.search(key):
+        if _REL_POS.search(key) and not has_rel_pos:
             report.unexpected.append(original)
-            report.notes.append(f"{original}: relative position bias has no counterpart in timm's VisionTransformer")
+            report.notes.append(f"{original}: relative position bias in the checkpoint but the target ViT has none "
+                                "(set backbone.rel_pos_bias and qkv_bias: qv)")
             continue
         if key != original:
             report.renamed[original] = key
@@ -204,7 +199,8 @@ def _check_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 def load_encoder_state(path_or_state: str | Path | Mapping[str, Any], config: BackboneConfig, *,
                        global_pool: bool = False, num_classes: int = 0) -> tuple[StateDict, LoadReport]:
-    """The encoder weights of a checkpoint in timm `VisionTransformer` key names, and a report of every key.
+    """The encoder weights of a checkpoint in timm `VisionTransformer` key names (plus the relative position
+    tables of a `rel_pos_bias` backbone: MIMViT's state dict), and a report of every key.
 
     `config` is the target encoder. `global_pool=True` targets timm's `global_pool="avg"` model: the pretrained
     final `norm.*` is dropped and the new `fc_norm.*` shows up as missing. `num_classes > 0` targets a classifier
@@ -212,7 +208,7 @@ def load_encoder_state(path_or_state: str | Path | Mapping[str, Any], config: Ba
     reported, not raised (see `load_into`); a shape mismatch raises naming both shapes.
     """
     raw = read_checkpoint(path_or_state) if isinstance(path_or_state, (str, Path)) else dict(path_or_state)
-    expected = _target_model(config, global_pool, num_classes).state_dict()
+    expected = _expected_state(config, global_pool, num_classes)
     if _is_lightning(raw):
         report = LoadReport("lightning")
         state = _from_lightning(raw["state_dict"], report)
@@ -224,7 +220,8 @@ def load_encoder_state(path_or_state: str | Path | Mapping[str, Any], config: Ba
         nested = next((name for name in ("model", "state_dict") if isinstance(raw.get(name), Mapping)), None)
         report = LoadReport(f"official:{nested}" if nested else "state_dict")
         state = _from_official(raw[nested] if nested else raw, report, global_pool,
-                               has_layer_scale="blocks.0.ls1.gamma" in expected)
+                               has_layer_scale="blocks.0.ls1.gamma" in expected,
+                               has_rel_pos=config.rel_pos_bias != "none")
     non_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if non_tensors:
         raise ValueError(f"not a state dict: entries {non_tensors[:5]} are not tensors")
@@ -256,74 +253,18 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], report: LoadR
     return report
 
 
-def config_hash(hyper_parameters: dict[str, Any]) -> str:
-    """sha1 (first 10 hex digits) of the hyper-parameters as canonical JSON, without LightningCLI's bookkeeping
-    entries (`_class_path`, `_instantiator`)."""
-    plain = {key: value for key, value in to_plain(hyper_parameters).items() if not key.startswith("_")}
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file (empty when it has none)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
-
-
-def pretraining_identity(path: str | Path, config: BackboneConfig) -> dict[str, str]:
-    """`method`, `config_hash` and, when recorded, `run` (`<logger name>/<version>`) of the pre-training that
-    produced a weights file: from a Lightning checkpoint, or from the metadata `export_encoder` copies them into.
-    Other files (official releases) give method "unknown" and the hash of the backbone config alone."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        metadata = safetensors_metadata(path)
-        identity = {key: metadata[key] for key in ("method", "config_hash", "run") if key in metadata}
-    else:
-        checkpoint = read_checkpoint(path)
-        hyper = checkpoint.get("hyper_parameters") or {}
-        identity = {"method": str(hyper["_class_path"]).rpartition(".")[2]} if "_class_path" in hyper else {}
-        identity |= {"config_hash": config_hash(hyper)} if hyper else {}
-        identity |= {"run": str(checkpoint["run"])} if "run" in checkpoint else {}
-    return {"method": "unknown", "config_hash": config_hash({"backbone": config})} | identity
-
-
-def backbone_config_of(path: str | Path) -> BackboneConfig:
-    """The backbone config stored with a Lightning checkpoint (`hyper_parameters.backbone`) or in the metadata of a
-    safetensors file written by `export_encoder`."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        metadata = safetensors_metadata(path)
-        if "backbone" not in metadata:
-            raise ValueError(f"{path}: no backbone config in the safetensors metadata; pass the config explicitly")
-        return BackboneConfig(**json.loads(metadata["backbone"]))
-    hyper = read_checkpoint(path).get("hyper_parameters") or {}
-    if "backbone" not in hyper:
-        raise ValueError(f"{path}: no hyper_parameters.backbone in the checkpoint; pass the config explicitly")
-    return BackboneConfig.coerce(hyper["backbone"])
-
-
-def save_encoder(state: Mapping[str, torch.Tensor], config: BackboneConfig, output_path: str | Path,
-                 identity: Mapping[str, str] | None = None) -> Path:
-    """Write an encoder state dict (timm key names) as safetensors, with the backbone config and the pre-training's
-    `identity` (`pretraining_identity`) in the metadata."""
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    metadata = {"format": "pt", "backbone": json.dumps(config.to_dict()), **(identity or {})}
-    payload = save(tensors, metadata=metadata)
-    atomic_write(output_path, lambda handle: handle.write(payload))
-    return output_path
-
-
 def export_encoder(checkpoint_path: str | Path, output_path: str | Path) -> Path:
     """Write the student encoder of a Lightning checkpoint as a safetensors file that loads with `strict=True` into
     `timm.models.vision_transformer.VisionTransformer(**config.timm_kwargs_full())` (and, for registered sizes, into
-    `timm.create_model(timm_model_name(config), num_classes=0)`). The metadata keeps the checkpoint's method, config
+    `timm.create_model(timm_model_name(config), num_classes=0)`), or, for a backbone with `rel_pos_bias`, into
+    timm's `Beit` (`backbone.timm_beit.build_timm_beit(config)`). The metadata keeps the checkpoint's method, config
     hash and run, so both files are one pre-training in `lightning-mim evaluate`'s results."""
     config = backbone_config_of(checkpoint_path)
     state, report = load_encoder_state(checkpoint_path, config)
     if report.missing or report.unexpected:
         raise ValueError(f"{checkpoint_path}: the encoder does not match its own config\n{report.summary()}")
+    if config.rel_pos_bias != "none":
+        state = to_beit_state(state, config)
     return save_encoder(state, config, output_path, pretraining_identity(checkpoint_path, config))
 
 

@@ -19,6 +19,7 @@ each step, and is skipped on the device with a skipped step. Under DDP set `trai
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -30,8 +31,18 @@ from lightning_mim.backbone import BackboneConfig
 from lightning_mim.heads import ProjectionMLP
 from lightning_mim.losses import info_nce, masked_l1, masked_mse, normalize_patches
 from lightning_mim.masking import checkerboard_masking
-from lightning_mim.methods.base import check_momentum, cosine_momentum, ema_update_, is_logging_step, make_teacher
+from lightning_mim.methods.base import (
+    OptimConfig, check_momentum, cosine_momentum, ema_update_, is_logging_step, make_teacher,
+)
 from lightning_mim.methods.simmim import SimMIM, SimMIMOptimConfig
+
+
+@dataclass
+class SymMIMOptimConfig(SimMIMOptimConfig):
+    """SimMIM's optimiser defaults, except that the mask token is not decayed: symmim.md section 5 lists it with the
+    cls token and position embedding (SimMIM's ViT decays it)."""
+
+    no_weight_decay: tuple[str, ...] = ("mask_token", "backbone.cls_token", "backbone.pos_embed")
 
 
 def gather_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -49,7 +60,7 @@ class SymMIM(SimMIM):
 
     default_loss_weights = {"mim": 1.0, "con": 1.0}
 
-    def __init__(self, backbone: BackboneConfig | dict | None = None, optim: SimMIMOptimConfig | dict | None = None,
+    def __init__(self, backbone: BackboneConfig | dict | None = None, optim: SymMIMOptimConfig | dict | None = None,
                  loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg",
                  mask_patch_size: int = 32, mask_phase: Literal["fixed", "random"] = "fixed",
                  swap_scales: bool = False, recon_loss: Literal["l1", "norm_pix_mse"] = "l1",
@@ -62,6 +73,7 @@ class SymMIM(SimMIM):
         "norm_pix_mse" is MAE's target instead of SimMIM's; con_level "patch" contrasts each patch with the same
         position of the momentum output against the image's other patches (ConMIM); con_token "mean" pools the
         patch tokens instead of taking the cls token; symmetric also contrasts online(M2) with momentum(M1)."""
+        optim = optim if isinstance(optim, OptimConfig) else SymMIMOptimConfig(**(optim or {}))
         super().__init__(backbone, optim, loss_weights, feature_pool, mask_ratio=0.5, mask_patch_size=mask_patch_size)
         for name, value, choices in (("mask_phase", mask_phase, ("fixed", "random")),
                                      ("recon_loss", recon_loss, ("l1", "norm_pix_mse")),
