@@ -5,7 +5,7 @@ Each generator accepts its random draw explicitly (`noise`, `generator`) so test
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -26,14 +26,23 @@ class RandomMask(NamedTuple):
 
 
 def random_masking(batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None = None,
-                   device: torch.device | str | None = None, generator: torch.Generator | None = None) -> RandomMask:
-    """Keep the `int(L * (1 - mask_ratio))` patches with the smallest noise (argsort of uniform noise, as in MAE)."""
+                   device: torch.device | str | None = None, generator: torch.Generator | None = None,
+                   count_rule: Literal["keep", "mask"] = "keep") -> RandomMask:
+    """Keep the patches with the smallest noise (argsort of uniform noise, as in MAE). How many: `count_rule`
+    "keep" keeps int(L * (1 - mask_ratio)) (MAE; L = 9, r = 0.75: 2 kept, 7 masked), "mask" masks
+    int(L * mask_ratio) (MAE-pytorch's generator, Beyond Masking's (m); 6 masked). Both mask 147 of 196 at 0.75."""
     check_mask_ratio(mask_ratio)
+    if count_rule not in ("keep", "mask"):
+        raise ValueError(f"unknown count_rule {count_rule!r}: 'keep' (keep int(L (1 - r)), MAE) or 'mask' "
+                         f"(mask int(r L), MAE-pytorch's generator)")
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
     elif noise.shape != (batch_size, num_patches):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({batch_size}, {num_patches})")
-    num_keep = int(num_patches * (1 - mask_ratio))
+    if count_rule == "keep":
+        num_keep = int(num_patches * (1 - mask_ratio))
+    else:
+        num_keep = num_patches - int(num_patches * mask_ratio)
     shuffle_idx = torch.argsort(noise, dim=1)
     restore_idx = torch.argsort(shuffle_idx, dim=1)
     mask = torch.ones(batch_size, num_patches, device=noise.device)
