@@ -221,6 +221,34 @@ def permutation_ranks(batch_size: int, num_patches: int, num_prefix_tokens: int 
     return torch.cat([prefix, patch_ranks], dim=1)
 
 
+def check_permutation_ranks(ranks: torch.Tensor, batch_size: int, num_tokens: int,
+                            num_prefix_tokens: int = 1) -> None:
+    """Refuse `ranks` that are not a factorisation order: (B, N) integers, each row a permutation of 0..N-1 with the
+    prefix tokens (cls) first, at ranks 0..prefix-1. Reads the ranks on the host (a device sync): for ranks given
+    from outside (tests, debugging), never for the draws of `permutation_ranks`, which are valid by construction."""
+    valid = (f"a valid draw is one permutation of 0..{num_tokens - 1} per row with the prefix token(s) at ranks "
+             f"0..{num_prefix_tokens - 1} in columns 0..{num_prefix_tokens - 1}, e.g. "
+             f"masking.permutation_ranks({batch_size}, {num_tokens - num_prefix_tokens}, {num_prefix_tokens})")
+    if ranks.shape != (batch_size, num_tokens) or ranks.is_floating_point() or ranks.is_complex():
+        raise ValueError(f"ranks must be an integer tensor of shape ({batch_size}, {num_tokens}) (batch, prefix + "
+                         f"patches), got {ranks.dtype} of shape {tuple(ranks.shape)}: {valid}")
+    rows = ranks.detach().long().cpu()
+    expected = torch.arange(num_tokens)
+    for row, values in enumerate(rows):
+        in_range = (values >= 0) & (values < num_tokens)
+        counts = torch.bincount(values[in_range], minlength=num_tokens)
+        out_of_range = values[~in_range].tolist()
+        duplicates, missing = expected[counts > 1].tolist(), expected[counts == 0].tolist()
+        if out_of_range or duplicates or missing:
+            found = "; ".join(f"{what} {items}" for what, items in (("out of range", out_of_range),
+                              ("duplicated", duplicates), ("missing", missing)) if items)
+            raise ValueError(f"ranks row {row} is not a permutation of 0..{num_tokens - 1}: {found}; {valid}")
+        if not torch.equal(values[:num_prefix_tokens], expected[:num_prefix_tokens]):
+            raise ValueError(f"ranks row {row} gives the prefix (cls) token(s) ranks "
+                             f"{values[:num_prefix_tokens].tolist()}: the cls token must come first (it is always "
+                             f"context); {valid}")
+
+
 class TwoStreamLayout(NamedTuple):
     """MaPeT's split of a token sequence by ranks. `predicted_idx` (B, K): token indices (prefix included) with
     rank >= num_context, in raster order; `content_mask` (B, N + K, N + K) and `query_mask` (B, K, N + K): bool,
