@@ -17,7 +17,7 @@ from lightning_mim.eval.weights import export_encoder
 from lightning_mim.losses import masked_mse, normalize_patches_per_channel
 from lightning_mim.masking import random_masking
 from lightning_mim.methods import BeyondMasking
-from lightning_mim.methods.base import warmup_cosine
+from lightning_mim.schedules import warmup_cosine
 from lightning_mim.methods.beyond_masking import OBJECTIVES
 from test_host_sync import HostReadsPerStep, fit_raising_on_cuda_sync
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning_mim.losses import token_accuracy, token_cross_entropy
 from lightning_mim.masking import permutation_ranks, two_stream_layout
 from lightning_mim.methods import MaPeT
-from lightning_mim.methods.base import warmup_cosine
+from lightning_mim.schedules import warmup_cosine
 from micro_methods import PatchColourTokenizer
 
 MICRO = dict(size="micro", img_size=16, patch_size=4, in_chans=1, pos_embed="learned", init="timm")

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from lightning_mim.losses import masked_l1
 from lightning_mim.masking import simmim_masking
 from lightning_mim.methods import SimMIM
-from lightning_mim.methods.base import OptimConfig, warmup_multistep
+from lightning_mim.methods.base import OptimConfig
+from lightning_mim.schedules import warmup_multistep
 
 
 def micro_simmim(img_size: int = 32, **kwargs) -> SimMIM:
