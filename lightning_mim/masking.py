@@ -226,8 +226,9 @@ def check_permutation_ranks(ranks: torch.Tensor, batch_size: int, num_tokens: in
     """Refuse `ranks` that are not a factorisation order: (B, N) integers, each row a permutation of 0..N-1 with the
     prefix tokens (cls) first, at ranks 0..prefix-1. Reads the ranks on the host (a device sync): for ranks given
     from outside (tests, debugging), never for the draws of `permutation_ranks`, which are valid by construction."""
-    valid = (f"a valid draw is one permutation of 0..{num_tokens - 1} per row with the prefix token(s) at ranks "
-             f"0..{num_prefix_tokens - 1} in columns 0..{num_prefix_tokens - 1}, e.g. "
+    prefix_first = (f" with the prefix token(s) at ranks 0..{num_prefix_tokens - 1} in columns "
+                    f"0..{num_prefix_tokens - 1}" if num_prefix_tokens else "")
+    valid = (f"a valid draw is one permutation of 0..{num_tokens - 1} per row{prefix_first}, e.g. "
              f"masking.permutation_ranks({batch_size}, {num_tokens - num_prefix_tokens}, {num_prefix_tokens})")
     if ranks.shape != (batch_size, num_tokens) or ranks.is_floating_point() or ranks.is_complex():
         raise ValueError(f"ranks must be an integer tensor of shape ({batch_size}, {num_tokens}) (batch, prefix + "
