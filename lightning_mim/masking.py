@@ -5,7 +5,7 @@ Each generator accepts its random draw explicitly (`noise`, `generator`) so test
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -26,14 +26,23 @@ class RandomMask(NamedTuple):
 
 
 def random_masking(batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None = None,
-                   device: torch.device | str | None = None, generator: torch.Generator | None = None) -> RandomMask:
-    """Keep the `int(L * (1 - mask_ratio))` patches with the smallest noise (argsort of uniform noise, as in MAE)."""
+                   device: torch.device | str | None = None, generator: torch.Generator | None = None,
+                   count_rule: Literal["keep", "mask"] = "keep") -> RandomMask:
+    """Keep the patches with the smallest noise (argsort of uniform noise, as in MAE). How many: `count_rule`
+    "keep" keeps int(L * (1 - mask_ratio)) (MAE; L = 9, r = 0.75: 2 kept, 7 masked), "mask" masks
+    int(L * mask_ratio) (MAE-pytorch's generator, Beyond Masking's (m); 6 masked). Both mask 147 of 196 at 0.75."""
     check_mask_ratio(mask_ratio)
+    if count_rule not in ("keep", "mask"):
+        raise ValueError(f"unknown count_rule {count_rule!r}: 'keep' (keep int(L (1 - r)), MAE) or 'mask' "
+                         f"(mask int(r L), MAE-pytorch's generator)")
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
     elif noise.shape != (batch_size, num_patches):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected ({batch_size}, {num_patches})")
-    num_keep = int(num_patches * (1 - mask_ratio))
+    if count_rule == "keep":
+        num_keep = int(num_patches * (1 - mask_ratio))
+    else:
+        num_keep = num_patches - int(num_patches * mask_ratio)
     shuffle_idx = torch.argsort(noise, dim=1)
     restore_idx = torch.argsort(shuffle_idx, dim=1)
     mask = torch.ones(batch_size, num_patches, device=noise.device)
@@ -210,6 +219,35 @@ def permutation_ranks(batch_size: int, num_patches: int, num_prefix_tokens: int 
     patch_ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1) + num_prefix_tokens
     prefix = torch.arange(num_prefix_tokens, device=noise.device).expand(batch_size, -1)
     return torch.cat([prefix, patch_ranks], dim=1)
+
+
+def check_permutation_ranks(ranks: torch.Tensor, batch_size: int, num_tokens: int,
+                            num_prefix_tokens: int = 1) -> None:
+    """Refuse `ranks` that are not a factorisation order: (B, N) integers, each row a permutation of 0..N-1 with the
+    prefix tokens (cls) first, at ranks 0..prefix-1. Reads the ranks on the host (a device sync): for ranks given
+    from outside (tests, debugging), never for the draws of `permutation_ranks`, which are valid by construction."""
+    prefix_first = (f" with the prefix token(s) at ranks 0..{num_prefix_tokens - 1} in columns "
+                    f"0..{num_prefix_tokens - 1}" if num_prefix_tokens else "")
+    valid = (f"a valid draw is one permutation of 0..{num_tokens - 1} per row{prefix_first}, e.g. "
+             f"masking.permutation_ranks({batch_size}, {num_tokens - num_prefix_tokens}, {num_prefix_tokens})")
+    if ranks.shape != (batch_size, num_tokens) or ranks.is_floating_point() or ranks.is_complex():
+        raise ValueError(f"ranks must be an integer tensor of shape ({batch_size}, {num_tokens}) (batch, prefix + "
+                         f"patches), got {ranks.dtype} of shape {tuple(ranks.shape)}: {valid}")
+    rows = ranks.detach().long().cpu()
+    expected = torch.arange(num_tokens)
+    for row, values in enumerate(rows):
+        in_range = (values >= 0) & (values < num_tokens)
+        counts = torch.bincount(values[in_range], minlength=num_tokens)
+        out_of_range = values[~in_range].tolist()
+        duplicates, missing = expected[counts > 1].tolist(), expected[counts == 0].tolist()
+        if out_of_range or duplicates or missing:
+            found = "; ".join(f"{what} {items}" for what, items in (("out of range", out_of_range),
+                              ("duplicated", duplicates), ("missing", missing)) if items)
+            raise ValueError(f"ranks row {row} is not a permutation of 0..{num_tokens - 1}: {found}; {valid}")
+        if not torch.equal(values[:num_prefix_tokens], expected[:num_prefix_tokens]):
+            raise ValueError(f"ranks row {row} gives the prefix (cls) token(s) ranks "
+                             f"{values[:num_prefix_tokens].tolist()}: the cls token must come first (it is always "
+                             f"context); {valid}")
 
 
 class TwoStreamLayout(NamedTuple):

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from lightning_mim.methods import MAE
-from lightning_mim.methods.base import OptimConfig, cosine_momentum, ema_update_, make_teacher, warmup_cosine
+from lightning_mim.methods.base import OptimConfig, cosine_momentum, ema_update_, make_teacher
+from lightning_mim.schedules import warmup_cosine
 
 
 def test_lr_schedule_values_from_lut_spec():

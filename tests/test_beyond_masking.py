@@ -10,13 +10,14 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from lightning_mim import degradations as deg
+from lightning_mim.augment import normalize, to_unit_float
 from lightning_mim.backbone import build_backbone, patchify, sincos_1d_interleaved, unpatchify
-from lightning_mim.data import MIMDataModule
+from lightning_mim.data import IMAGENET_MEAN, IMAGENET_STD, MIMDataModule
 from lightning_mim.eval.weights import export_encoder
 from lightning_mim.losses import masked_mse, normalize_patches_per_channel
 from lightning_mim.masking import random_masking
 from lightning_mim.methods import BeyondMasking
-from lightning_mim.methods.base import warmup_cosine
+from lightning_mim.schedules import warmup_cosine
 from lightning_mim.methods.beyond_masking import OBJECTIVES
 from test_host_sync import HostReadsPerStep, fit_raising_on_cuda_sync
 
@@ -48,13 +49,50 @@ def test_per_channel_patch_normalisation():
     assert normalize_patches_per_channel(torch.full((1, 1, 768), 0.3), 3).abs().max() == 0.0
 
 
-def test_pixel_std_normalises_as_on_unit_range_images():
-    images = torch.rand(2, 3, 32, 32)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    normalised = (images - mean.view(3, 1, 1)) / std.view(3, 1, 1)
-    expected = normalize_patches_per_channel(patchify(images, 16), 3)
-    got = normalize_patches_per_channel(patchify(normalised, 16), 3, eps=1e-6 / std)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+def imagenet_normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images as the data path gives them to the step: [0, 1] floats, then ImageNet's normalisation."""
+    return normalize(to_unit_float(pixels), torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
+
+
+@pytest.mark.parametrize("value", [0, 255, 37])
+def test_constant_patches_have_a_target_of_exactly_zero(value):
+    model = micro("masking")
+    images = imagenet_normalised(torch.full((2, 3, 16, 16), value, dtype=torch.uint8))
+    assert torch.equal(model.normalized_target(images), torch.zeros(2, 16, 48))
+
+
+def test_target_is_normalised_on_unit_range_pixels():
+    model = micro("masking", img_size=16, patch_size=16)
+    pixels = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    pixels[0, 0] = (torch.arange(256) % 2 * 255).to(torch.uint8).view(16, 16)  # red alternates 0, 255
+    pixels[0, 1, :8] = 255  # green: half 1, half 0; blue constant 0
+    target = model.normalized_target(imagenet_normalised(pixels))[0, 0].view(256, 3)
+    # on [0, 1] pixels the deviations are +-0.5 and the unbiased std sqrt(64 / 255): eps 1e-6 on [0, 1] pixels
+    expected = 0.5 / (math.sqrt(64 / 255) + 1e-6)
+    alternating = (torch.arange(256) % 2 * 2 - 1).float()
+    torch.testing.assert_close(target[:, 0], alternating * expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(target[:, 1], (1.0 - 2.0 * (torch.arange(256) >= 128).float()) * expected,
+                               rtol=0, atol=1e-5)
+    assert torch.equal(target[:, 2], torch.zeros(256))
+    # the same images normalised with other statistics give the same target once the model has those statistics
+    unit = to_unit_float(pixels)
+    model.set_pixel_stats((0.5, 0.4, 0.3), (0.1, 0.2, 0.3))
+    other = (unit - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)
+    torch.testing.assert_close(model.normalized_target(other)[0, 0].view(256, 3), target, rtol=0, atol=1e-5)
+
+
+def test_pixel_stats_come_from_the_datamodule():
+    model = BeyondMasking(backbone=dict(size="micro", img_size=16, patch_size=4, in_chans=1, **PAPER_BACKBONE),
+                          objective="masking", **MICRO_DECODER)
+    grey_imagenet = (sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3)  # before a DataModule is attached
+    assert (model.pixel_mean.item(), model.pixel_std.item()) == pytest.approx(grey_imagenet)
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    trainer.datamodule = MIMDataModule(source="fashion_mnist", mean=(0.25,), std=(0.5,))
+    model.trainer = trainer
+    model.setup("fit")
+    assert (model.pixel_mean.item(), model.pixel_std.item()) == (0.25, 0.5)
+    with pytest.raises(ValueError, match="one value per channel"):
+        model.set_pixel_stats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_patchify_order_and_round_trip():
@@ -73,6 +111,20 @@ def test_masking_counts_at_0_75():
     tokens = torch.randn(4, 196, 8)
     kept = torch.gather(tokens, 1, draw.keep_idx.unsqueeze(-1).expand(-1, -1, 8))
     assert torch.equal(kept[2, 5], tokens[2, draw.keep_idx[2, 5]])
+
+
+@pytest.mark.parametrize("objective, masked", [("masking", 6), ("zoom_in_masking", 7)])
+def test_masked_count_at_a_3x3_grid(objective, masked):
+    """(m): MAE-pytorch's generator masks int(0.75 x 9) = 6; (a)+(m): the zoomed-in folder keeps int(9 x 0.25) = 2."""
+    model = micro(objective, img_size=12)
+    views = model.validation_views(torch.randn(2, 3, 12, 12))
+    noise = torch.rand(2, 9)
+    pred, mask = model(model.degrade(views, {}), noise)
+    assert mask.sum(1).tolist() == [float(masked)] * 2
+    assert torch.equal(mask, (torch.argsort(torch.argsort(noise, 1), 1) >= 9 - masked).float())
+    if objective == "masking":  # the step's loss is over those 6 patches
+        expected = masked_mse(pred, model.normalized_target(views), mask)
+        torch.testing.assert_close(model.compute_losses(views, noise)["mim"], expected)
 
 
 def test_masked_token_mean_and_full_mean():

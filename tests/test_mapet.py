@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning_mim.losses import token_accuracy, token_cross_entropy
 from lightning_mim.masking import permutation_ranks, two_stream_layout
 from lightning_mim.methods import MaPeT
-from lightning_mim.methods.base import warmup_cosine
+from lightning_mim.schedules import warmup_cosine
 from micro_methods import PatchColourTokenizer
 
 MICRO = dict(size="micro", img_size=16, patch_size=4, in_chans=1, pos_embed="learned", init="timm")
@@ -89,6 +89,45 @@ def test_ranks_put_cls_first_and_follow_the_noise():
         permutation_ranks(2, 4, 1, noise=noise)
     with pytest.raises(ValueError, match="num_context must lie"):
         two_stream_layout(torch.zeros(1, 5, dtype=torch.long), 5)
+
+
+def valid_ranks() -> torch.Tensor:
+    """Two rows of (cls + 16 patches): cls at rank 0, the patches in reversed and in raster order."""
+    return torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(16, 0, -1)]), torch.arange(17)])
+
+
+NOT_A_PERMUTATION = r"ranks row {} is not a permutation of 0\.\.16: "
+
+
+@pytest.mark.parametrize("row, column, value, message", [
+    (1, 5, 7, NOT_A_PERMUTATION.format(1) + r"duplicated \[7\]; missing \[5\]"),
+    (0, 3, 17, NOT_A_PERMUTATION.format(0) + r"out of range \[17\]; missing \[14\]"),
+    (1, 2, -1, NOT_A_PERMUTATION.format(1) + r"out of range \[-1\]; missing \[2\]"),
+    (1, None, None, r"ranks row 1 gives the prefix \(cls\) token\(s\) ranks \[16\]: the cls token must come first"),
+])
+def test_malformed_ranks_are_refused_with_what_is_wrong(row, column, value, message):
+    model = micro_mapet()
+    ranks = valid_ranks()
+    if column is None:  # a permutation, but the cls token is not first
+        ranks[row] = torch.roll(ranks[row], 1)
+    else:
+        ranks[row, column] = value
+    with pytest.raises(ValueError, match=message) as error:
+        model(torch.randn(2, 1, 16, 16), ranks)
+    assert "a valid draw is one permutation of 0..16 per row" in str(error.value)
+
+
+def test_ranks_of_the_wrong_shape_or_type_are_refused_and_a_valid_draw_is_accepted():
+    model = micro_mapet()
+    images = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"integer tensor of shape \(2, 17\).*got torch.int64 of shape \(2, 16\)"):
+        model(images, valid_ranks()[:, 1:])
+    with pytest.raises(ValueError, match=r"integer tensor .*got torch.float32"):
+        model(images, valid_ranks().float())
+    logits, predicted = model(images, valid_ranks())
+    assert logits.shape == (2, 12, 4)  # V = 4 grey levels
+    # row 0 predicts the 12 patches ranked 5..16, which reversed order gives to patches 0..11; row 1 patches 4..15
+    assert predicted.tolist() == [list(range(12)), list(range(4, 16))]
 
 
 # ------------------------------------------------------------------------------------------------ no leak

@@ -31,6 +31,28 @@ def test_random_masking_reproducible_from_seed():
     assert a.mask.sum(1).tolist() == [64 - int(64 * 0.4)] * 2
 
 
+@pytest.mark.parametrize("num_patches, ratio, rule, masked", [
+    (9, 0.75, "keep", 7),  # keep int(9 x 0.25) = int(2.25) = 2
+    (9, 0.75, "mask", 6),  # mask int(9 x 0.75) = int(6.75) = 6
+    (196, 0.75, "keep", 147),  # keep int(196 x 0.25) = 49
+    (196, 0.75, "mask", 147),  # mask int(196 x 0.75) = 147
+    (196, 0.6, "keep", 118),  # keep int(78.4) = 78
+    (196, 0.6, "mask", 117),  # mask int(117.6) = 117
+])
+def test_random_masking_count_rules(num_patches, ratio, rule, masked):
+    noise = torch.rand(2, num_patches, generator=torch.Generator().manual_seed(0))
+    draw = random_masking(2, num_patches, ratio, noise=noise, count_rule=rule)
+    assert draw.mask.sum(1).tolist() == [float(masked)] * 2
+    assert draw.keep_idx.shape == (2, num_patches - masked)
+    smallest_noise = torch.argsort(noise, dim=1)[:, :num_patches - masked]  # the kept ones have the smallest noise
+    assert torch.equal(draw.keep_idx, smallest_noise)
+
+
+def test_random_masking_refuses_an_unknown_count_rule():
+    with pytest.raises(ValueError, match="unknown count_rule 'masked'"):
+        random_masking(1, 9, 0.75, count_rule="masked")
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
 def test_bad_mask_ratio(ratio):
     with pytest.raises(ValueError, match=r"mask ratio must lie in \(0, 1\)"):

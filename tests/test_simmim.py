@@ -12,7 +12,8 @@ from lightning_mim.backbone.init import depth_rescale_factors
 from lightning_mim.losses import masked_l1
 from lightning_mim.masking import simmim_masking
 from lightning_mim.methods import SimMIM
-from lightning_mim.methods.base import OptimConfig, warmup_multistep
+from lightning_mim.methods.base import OptimConfig
+from lightning_mim.schedules import warmup_multistep
 
 
 # the official ViT-B encoder's switches (configs/simmim/vit_b16_800ep_in1k.yaml) at micro size

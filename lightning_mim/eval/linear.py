@@ -1,5 +1,6 @@
 """Linear probing of a frozen pre-trained encoder (MAE's linprobe recipe) and the classifier plumbing it shares with
-fine-tuning: per-step warm-up + cosine schedule, top-1 / top-5 metrics and the `train/*`, `val/*` tags."""
+fine-tuning: the per-step lr schedule (`lightning_mim.schedules`, as in pre-training), top-1 / top-5 metrics and
+the `train/*`, `val/*` tags."""
 from __future__ import annotations
 
 import abc
@@ -16,10 +17,11 @@ from torchvision.transforms import v2
 
 from lightning_mim.backbone import BackboneConfig, MIMViT
 from lightning_mim.eval.weights import load_encoder_state, load_into
-from lightning_mim.methods.base import OptimConfig, is_logging_step, to_plain, warmup_cosine
+from lightning_mim.methods.base import OptimConfig, is_logging_step, to_plain
+from lightning_mim.schedules import StepSchedule
 
 
-class ClassifierModule(L.LightningModule, abc.ABC):
+class ClassifierModule(StepSchedule, L.LightningModule, abc.ABC):
     """Shared by `LinearProbe` and `FineTune`: `forward(images) -> logits`, accuracy metrics, the lr schedule.
 
     Subclasses implement `forward`, `training_loss(images, labels)`, `optimizer_groups()` (groups may carry an
@@ -79,22 +81,6 @@ class ClassifierModule(L.LightningModule, abc.ABC):
         self.val_images.update(images.shape[0])
         self.log("val/images", self.val_images, batch_size=images.shape[0])
 
-    def effective_batch_size(self) -> int:
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "batch_size"):
-            raise RuntimeError("the lr scaling rule needs the per-device batch size: train with a MIMDataModule "
-                               "or set optim.lr to an absolute value")
-        return datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
-    def total_steps(self) -> int:
-        return max(1, int(self.trainer.estimated_stepping_batches))
-
-    def warmup_steps(self) -> int:
-        if self.optim_config.warmup_steps is not None:
-            return self.optim_config.warmup_steps
-        steps_per_epoch = self.total_steps() / max(1, self.trainer.max_epochs or 1)
-        return int(round(self.optim_config.warmup_epochs * steps_per_epoch))
-
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optim_config
         self.peak_lr = config.peak_lr(self.effective_batch_size()) if config.lr is None else config.lr
@@ -102,10 +88,9 @@ class ClassifierModule(L.LightningModule, abc.ABC):
         for group in groups:
             group["lr"] = self.peak_lr * group.get("lr_scale", 1.0)
         optimizer = self.build_optimizer(groups, self.peak_lr)
-        total, warmup, peak = self.total_steps(), self.warmup_steps(), self.peak_lr
+        peak, schedule = self.peak_lr, self.lr_schedule(self.peak_lr)
         # LambdaLR multiplies each group's initial lr (peak x lr_scale) by the schedule relative to the peak.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, peak, config.min_lr) / peak)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / peak)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

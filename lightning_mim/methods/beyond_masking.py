@@ -15,8 +15,11 @@ One `objective` per run, with the paper's letters:
                        (backbone.in_chans 1; the data and the target stay colour); crop of the torchvision RRC
                        defaults (assumed: the published HSV path cannot run);
   zoom_in_masking (a)+(m)  zoom-in with 0.75 masking, the centre loss on removed tokens (the published zoomed-in/).
-The target is always the undegraded image normalised per patch AND channel (unbiased std, eps on the std); sizes
-scale with the image: zoom-in margin S / 7 (32 at 224), zoom-out crop 5 S / 7 (160 at 224). Degradations run in the
+Masked counts: (m) masks int(r L) (MAE-pytorch's generator, 6 of 9 at r = 0.75), the other objectives keep
+int(L (1 - r)) (the zoomed folders' MAE-style `random_masking`, 7 of 9 masked); both 147 of 196.
+The target is always the undegraded image, un-normalised to [0, 1] pixels with the data's mean and std (as the
+official code does), normalised per patch AND channel (unbiased std, eps 1e-6 on the std); sizes scale with the
+image: zoom-in margin S / 7 (32 at 224), zoom-out crop 5 S / 7 (160 at 224). Degradations run in the
 step on the device (lightning_mim/degradations.py); only the zoom views' sizes come from the train transform.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
 from lightning_mim import degradations as deg
@@ -38,6 +42,7 @@ from lightning_mim.methods.base import MIMMethod, OptimConfig
 OBJECTIVES = ("masking", "zoom_in", "zoom_out", "distortion", "blur", "decolorize", "zoom_in_masking")
 PAPER_LETTERS = {"masking": "(m)", "zoom_in": "(a)", "zoom_out": "(b)", "distortion": "(c)", "blur": "(d)",
                  "decolorize": "(e)", "zoom_in_masking": "(a)+(m)"}
+MASK_COUNT_RULES = {"masking": "mask"}  # every other objective: "keep" (see `masking.random_masking`)
 Objective = Literal["masking", "zoom_in", "zoom_out", "distortion", "blur", "decolorize", "zoom_in_masking"]
 
 
@@ -63,12 +68,12 @@ class BeyondMasking(MIMMethod):
                  feature_pool: Literal["avg", "cls"] = "avg", objective: Objective = "zoom_in_masking",
                  mask_ratio: float | None = None, zoom_in_margin: int | None = None,
                  zoom_out_size: int | None = None, blur_kernel_size: int = 7, blur_groups: int = 1,
-                 train_crop: Literal["mae", "torchvision"] | None = None, pixel_std: tuple[float, ...] | None = None,
-                 decoder_dim: int = 384, decoder_depth: int = 4, decoder_heads: int = 6) -> None:
+                 train_crop: Literal["mae", "torchvision"] | None = None, decoder_dim: int = 384,
+                 decoder_depth: int = 4, decoder_heads: int = 6) -> None:
         """mask_ratio: None = 0.75 for masking / zoom_in_masking, else 0. zoom_in_margin / zoom_out_size: None =
         round(S / 7) / round(5 S / 7). train_crop: None = "torchvision" (RRC 0.08-1, bilinear, no flip) for
-        decolorize, else "mae" (RRC 0.2-1, bicubic, flip). pixel_std: the data's std per channel; the target is
-        then normalised as on [0, 1] images (None: on the data-normalised values; only eps differs)."""
+        decolorize, else "mae" (RRC 0.2-1, bicubic, flip). The target's pixel mean and std are ImageNet's (the
+        official code's constants) until `setup` reads the attached DataModule's (`set_pixel_stats`)."""
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}: choose one of {OBJECTIVES}")
         optim = optim if isinstance(optim, OptimConfig) else BeyondMaskingOptimConfig(**(optim or {}))
@@ -94,10 +99,11 @@ class BeyondMasking(MIMMethod):
             raise ValueError("objective 'decolorize' feeds the encoder the 1-channel grey mix of colour images: set "
                              f"backbone.in_chans to 1 (got {self.backbone_config.in_chans}); the data and the target "
                              "stay 3-channel colour")
-        std = torch.ones(channels) if pixel_std is None else torch.tensor(pixel_std, dtype=torch.float32)
-        if std.numel() not in (1, channels):
-            raise ValueError(f"pixel_std needs 1 or {channels} values, got {pixel_std}")
-        self.register_buffer("target_eps", 1e-6 / std.expand(channels).clone(), persistent=False)
+        self.register_buffer("pixel_mean", torch.zeros(channels), persistent=False)
+        self.register_buffer("pixel_std", torch.ones(channels), persistent=False)
+        grey = channels == 1  # the channel mean of ImageNet's statistics, as the DataModule expands them
+        self.set_pixel_stats((sum(IMAGENET_DEFAULT_MEAN) / 3,) if grey else IMAGENET_DEFAULT_MEAN,
+                             (sum(IMAGENET_DEFAULT_STD) / 3,) if grey else IMAGENET_DEFAULT_STD)
         self.blur_groups, self.blur_kernel_size = blur_groups, blur_kernel_size
         if objective == "blur":
             if channels % blur_groups or blur_kernel_size % 2 == 0:
@@ -119,9 +125,20 @@ class BeyondMasking(MIMMethod):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         native = datamodule.native_format() if hasattr(datamodule, "native_format") else None
+        if hasattr(datamodule, "mean_for"):
+            self.set_pixel_stats(datamodule.mean_for(self.in_chans), datamodule.std_for(self.in_chans))
         if self.objective == "decolorize" and native is not None and native[1] == 1:
             raise ValueError("objective 'decolorize' needs colour data: on 1-channel images (e.g. Fashion-MNIST) the "
                              "grey mix is only a rescaling; pre-train it on RGB data (imagefolder / webdataset)")
+
+    def set_pixel_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The data's normalisation per channel, which the target undoes to get [0, 1] pixels before N(.)."""
+        channels = self.in_chans
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"the target needs the data's mean and std for its {channels} channel(s), got {mean} "
+                             f"and {std}: pass one value per channel")
+        self.pixel_mean.copy_(torch.tensor(mean, dtype=torch.float32))
+        self.pixel_std.copy_(torch.tensor(std, dtype=torch.float32))
 
     def view_size(self) -> int:
         """Size of the training view: S + 2 x margin for zoom-in, the zoom-out crop, else S."""
@@ -178,7 +195,8 @@ class BeyondMasking(MIMMethod):
         """Per-token prediction (B, L, p*p*C) on the decoder grid and the mask (B, L), 1 = removed."""
         batch, num_patches = inputs.shape[0], self.backbone.num_patches
         if self.mask_ratio > 0:
-            draw = random_masking(batch, num_patches, self.mask_ratio, noise=noise, device=inputs.device)
+            draw = random_masking(batch, num_patches, self.mask_ratio, noise=noise, device=inputs.device,
+                                  count_rule=MASK_COUNT_RULES.get(self.objective, "keep"))
             latent, restore, mask = self.backbone.forward_kept(inputs, draw.keep_idx), draw.restore_idx, draw.mask
         else:
             latent = self.backbone.forward_full(inputs)
@@ -194,7 +212,10 @@ class BeyondMasking(MIMMethod):
         return unpatchify(patches, self.backbone.patch_size, self.backbone.grid_size, self.in_chans)
 
     def normalized_target(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize_patches_per_channel(self.patchify(images.float()), self.in_chans, self.target_eps)
+        """N(.) of data-normalised images, computed on their [0, 1] pixels (a constant patch gives exactly 0)."""
+        shape = (1, -1, 1, 1)
+        pixels = images.float() * self.pixel_std.view(shape) + self.pixel_mean.view(shape)
+        return normalize_patches_per_channel(self.patchify(pixels), self.in_chans)
 
     def target_image(self, views: torch.Tensor) -> torch.Tensor:
         """The undegraded image on the decoder grid: the whole zoom view at S, or the view itself."""

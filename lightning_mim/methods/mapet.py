@@ -26,7 +26,7 @@ import torch.nn as nn
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.heads import learned_mask_token, token_classifier
 from lightning_mim.losses import token_accuracy, token_cross_entropy
-from lightning_mim.masking import permutation_ranks, two_stream_layout
+from lightning_mim.masking import check_permutation_ranks, permutation_ranks, two_stream_layout
 from lightning_mim.methods.base import MIMMethod, OptimConfig
 from lightning_mim.targets import TokenizerConfig
 from lightning_mim.targets.views import Crop, TokenizerViews, TokenTargets, token_hit_rows
@@ -94,10 +94,15 @@ class MaPeT(MIMMethod):
     def forward(self, images: torch.Tensor, ranks: torch.Tensor | None = None,
                 drop_path_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the token logits (B, K, V) of the predicted patches and their patch indices (B, K), ascending.
-        `ranks` (B, prefix + L) fixes the order, `drop_path_keep` (depth, 2, B) the stochastic-depth draws."""
+        `ranks` (B, prefix + L) fixes the order, `drop_path_keep` (depth, 2, B) the stochastic-depth draws. Given
+        ranks are refused unless each row is a permutation with the cls token first (`check_permutation_ranks`, a
+        host read: ranks= is a test / debugging entry point; the ranks the step draws itself are not read)."""
         backbone, batch = self.backbone, images.shape[0]
         if ranks is None:
             ranks = self.draw_ranks(batch, images.device)
+        else:
+            check_permutation_ranks(ranks, batch, backbone.num_prefix_tokens + backbone.num_patches,
+                                    backbone.num_prefix_tokens)
         layout = two_stream_layout(ranks, self.num_context)
         real = backbone.prepend_prefix(backbone.embed_patches(images))
         position = backbone.pos_embed.expand(batch, -1, -1)
