@@ -96,8 +96,14 @@ def test_separable_classes_choose_the_weak_l2() -> None:
 
 def test_a_held_out_tie_picks_the_strongest_l2() -> None:
     features, labels = blobs(200, 4, 2, 0.1, seed=6)  # every strength separates these
-    result = linear_probe(features, labels, features, labels, 2, l2_grid=(1e-4, 1e-3, 1e-2), holdout=0.2)
+    lines: list[str] = []
+    result = linear_probe(features, labels, features, labels, 2, l2_grid=(1e-4, 1e-3, 1e-2), holdout=0.2,
+                          log=lines.append)
     assert set(result["heldout_top1"].values()) == {100.0} and result["l2"] == 1e-2
+    # one line per fit, strongest first (each warm-starts the next)
+    assert [line.split(" (")[0] for line in lines] == [
+        "logreg l2=0.01: held-out top-1 100.00", "logreg l2=0.001: held-out top-1 100.00",
+        "logreg l2=0.0001: held-out top-1 100.00", "logreg l2=0.01 refitted on all 200 training samples"]
 
 
 def test_bad_arguments_name_the_fix() -> None:

@@ -55,7 +55,7 @@ def run_frozen(protocol: str, features: FrozenFeatures, options: argparse.Namesp
         train, train_labels = features.train(options.train_subset)
         return linear_probe(train, train_labels, test, test_labels, num_classes, l2_grid=tuple(options.logreg_l2),
                             holdout=options.logreg_holdout, seed=options.seed, max_iter=options.logreg_max_iter,
-                            device=features.device)
+                            device=features.device, log=lambda line: print(line, flush=True))
     raise ValueError(f"unknown frozen-feature protocol {protocol!r}: choose from {', '.join(FROZEN_PROTOCOLS)}")
 
 

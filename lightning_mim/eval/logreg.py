@@ -17,8 +17,10 @@ whole split): ImageNet-1k with ViT-B (1.28 M x 768) is about 4 GB a copy.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -118,10 +120,16 @@ def _accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
     return 100.0 * float((top == labels[:, None]).any(dim=1).float().mean())
 
 
+def _describe(fit: LogisticFit, start: float) -> str:
+    return (f"{fit.iterations} iterations, stop: {fit.stop}, gradient {fit.gradient:.1e}, "
+            f"{time.perf_counter() - start:.1f} s")
+
+
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  num_classes: int, l2_grid: tuple[float, ...] = DEFAULT_L2_GRID, holdout: float = 0.1,
                  seed: int = 0, max_iter: int = 1000, tolerance: float = 1e-5,
-                 device: torch.device | str | None = None) -> dict[str, object]:
+                 device: torch.device | str | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, object]:
     """The converged linear probe: hold out a seeded `holdout` fraction of the training split, fit on the rest at
     every L2 strength of `l2_grid` (standardised with the fit part's mean / std), pick the strength with the best
     held-out top-1 (the strongest one on a tie), refit on the whole training split (standardised with its own
@@ -129,7 +137,7 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
 
     Returns top1 and top5 (top-k over min(5, K) classes) in percent, the chosen `l2`, `heldout_top1` (strength ->
     held-out top-1), and the final fit's `iterations`, `stop` and `gradient` (`LogisticFit`). Runs on `device`
-    (default: the features').
+    (default: the features'). `log`, when given, receives one line per fit.
     """
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {holdout}")
@@ -151,14 +159,20 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     heldout_top1: dict[float, float] = {}
     previous: LogisticFit | None = None
     for l2 in sorted(l2_grid, reverse=True):  # strong to weak: each fit warm-starts the next, slower-to-fit one
+        start = time.perf_counter()
         previous = fit_logistic_regression(fit_x, fit_y, num_classes, l2, max_iter, tolerance, init=previous)
         heldout_top1[l2] = _accuracy(previous.logits(held_x), held_y, 1)
+        if log is not None:
+            log(f"logreg l2={l2:g}: held-out top-1 {heldout_top1[l2]:.2f} ({_describe(previous, start)})")
     del fit_x, held_x
     best = max(heldout_top1.values())
     chosen = max(l2 for l2, accuracy in heldout_top1.items() if accuracy == best)
 
     mean, std = standardiser(x)
+    start = time.perf_counter()
     final = fit_logistic_regression((x - mean) / std, y, num_classes, chosen, max_iter, tolerance)
+    if log is not None:
+        log(f"logreg l2={chosen:g} refitted on all {n} training samples ({_describe(final, start)})")
     logits = final.logits((test_features.to(device, torch.float32) - mean) / std)
     targets = test_labels.to(device, torch.int64)
     return {"top1": _accuracy(logits, targets, 1), "top5": _accuracy(logits, targets, 5), "l2": chosen,
