@@ -69,10 +69,11 @@ def _objective_and_gradient(features: Tensor, labels: Tensor, weight: Tensor, bi
 
 
 def fit_logistic_regression(features: Tensor, labels: Tensor, num_classes: int, l2: float, max_iter: int = 1000,
-                            tolerance: float = 1e-5, init: LogisticFit | None = None,
+                            tolerance: float = 1e-4, init: LogisticFit | None = None,
                             chunk_size: int = 65536) -> LogisticFit:
     """Minimise the module's objective by full-batch L-BFGS on the device of `features` (float32, already
-    standardised). Stops when the largest gradient entry is below `tolerance`, when the loss no longer decreases at
+    standardised). Stops when the largest gradient entry is below `tolerance` (the default is scikit-learn's `tol`
+    for lbfgs, on the same per-sample-mean objective), when the loss no longer decreases at
     float32 precision (the function values then cannot guide the line search any further), or after `max_iter`
     iterations, warning in that last case. `init` warm-starts from another fit (the minimiser is unique for
     l2 > 0, so only the time changes)."""
@@ -127,7 +128,7 @@ def _describe(fit: LogisticFit, start: float) -> str:
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
                  num_classes: int, l2_grid: tuple[float, ...] = DEFAULT_L2_GRID, holdout: float = 0.1,
-                 seed: int = 0, max_iter: int = 1000, tolerance: float = 1e-5,
+                 seed: int = 0, max_iter: int = 1000, tolerance: float = 1e-4,
                  device: torch.device | str | None = None,
                  log: Callable[[str], None] | None = None) -> dict[str, object]:
     """The converged linear probe: hold out a seeded `holdout` fraction of the training split, fit on the rest at
