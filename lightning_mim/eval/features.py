@@ -76,13 +76,15 @@ class FrozenFeatures:
     _loaded: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def train(self, size: int | None) -> tuple[Tensor, Tensor]:
-        if size == self.datamodule.hparams.knn_bank_size:
+        def loader() -> Any:  # the k-NN bank loader of a datamodule whose bank is this subset (its seeded draw)
             datamodule = self.datamodule
-        else:  # the same data and transform with a bank of another size: its loader is the subset's
-            datamodule = MIMDataModule(**{**dict(self.datamodule.hparams), "knn_bank_size": size})
-            datamodule.bind(self.datamodule.image_size, self.datamodule.in_chans, None)
-            datamodule.setup("fit")
-        return self._cached({"split": "train", "size": size}, datamodule.knn_bank_dataloader)
+            if size != datamodule.hparams.knn_bank_size:
+                datamodule = MIMDataModule(**{**dict(self.datamodule.hparams), "knn_bank_size": size})
+                datamodule.bind(self.datamodule.image_size, self.datamodule.in_chans, None)
+                datamodule.setup("fit")
+            return datamodule.knn_bank_dataloader()
+
+        return self._cached({"split": "train", "size": size}, loader)
 
     def val(self) -> tuple[Tensor, Tensor]:
         split = {"split": "val", "size": self.datamodule.hparams.val_subset}
