@@ -101,6 +101,12 @@ def test_extract_features_normalises_and_returns_float32_on_cpu():
     torch.testing.assert_close(features, F.normalize(torch.cat([x for x, _ in loader]).float(), dim=1))
 
 
+def test_extract_features_without_normalize_keeps_the_raw_features():
+    loader = batches([4, 3])
+    features, _ = extract_features(lambda x: 2 * x, loader, "cpu", normalize=False)
+    torch.testing.assert_close(features, 2 * torch.cat([x for x, _ in loader]).float())
+
+
 def test_extract_features_runs_without_grad():
     grad_enabled = []
 

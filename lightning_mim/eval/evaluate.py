@@ -9,7 +9,15 @@
 (`{"model": ...}` MAE / LUT, `{"state_dict": ...}` MaPeT; give its encoder with `--backbone '{"size": "base"}'`), or
 `random:<pre-training recipe.yaml>` (or the config.yaml a run saved): the recipe's model built through the LightningCLI
 with the recipe's seed, i.e. the encoder a pre-training run of that recipe starts from, the baseline a pre-trained
-encoder must beat.
+encoder must beat; or `pixels`: the flattened normalised images at the data's own size, the raw-pixel reference row
+(knn and logreg only).
+
+Protocols on frozen features: `knn` (weighted k-NN on a `--knn-bank` subset of the training split) and `logreg`
+(multinomial logistic regression trained to convergence by full-batch L-BFGS on the standardised features of the
+training split, or its `--train-subset`; the L2 strength with the best accuracy on a `--logreg-holdout` part of it,
+from `--logreg-l2`, is refitted on the whole split; see `lightning_mim.eval.logreg`). Their features are extracted
+once per encoder and data and cached in `--feature-cache` (default `<results>/features/`); logreg's chosen L2 and
+held-out accuracies go to `<results>/logreg.jsonl`.
 
 Data: `--data-config` (a LightningCLI data YAML, default Fashion-MNIST), then the protocol recipe's `data:` section,
 then the `--data-*` / `--batch-size` / `--*-subset` flags. Fashion-MNIST and synthetic data must have the encoder's
@@ -48,25 +56,28 @@ from lightning.pytorch.cli import LightningCLI
 import torch
 import yaml
 
-from lightning_mim.backbone import BackboneConfig, MIMViT
+from lightning_mim.backbone import BackboneConfig
 from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.batch import trained_batch
+from lightning_mim.eval.features import (
+    PIXELS, FrozenFeatures, encoder_feature_fn, flatten_pixels, pixel_datamodule,
+)
 from lightning_mim.eval.finetune import FineTune
-from lightning_mim.eval.knn import extract_features, knn_accuracy
+from lightning_mim.eval.frozen import FROZEN_PROTOCOLS, add_frozen_arguments, append_logreg_details, run_frozen
 from lightning_mim.eval.linear import LinearProbe
 from lightning_mim.eval.resumable import (
     BestTop1, file_digest, read_result, resumable_trainer_arguments, resume_path, upgrade_csv, working_folder,
     write_result,
 )
 from lightning_mim.eval.weights import (
-    backbone_config_of, config_hash, load_encoder_state, load_into, pretraining_identity, read_checkpoint, save_encoder,
+    backbone_config_of, config_hash, pretraining_identity, read_checkpoint, save_encoder,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # top1 is the final epoch's; top1_best the best validated epoch's (linear / finetune); val_images the images scored
 COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp", "top1_best",
            "val_images")
-PROTOCOLS = ("knn", "linear", "finetune")
+PROTOCOLS = ("knn", "linear", "finetune", "logreg")
 SAVED_CONFIG_NAME = "config.yaml"  # the file LightningCLI's SaveConfigCallback writes into a run's folder
 # `Trainer.fit`'s own arguments (ckpt_path, weights_only): a run's saved config holds them, a model-only CLI does not
 FIT_ARGUMENTS = set(inspect.signature(L.Trainer.fit).parameters) - LightningCLI.subcommands()["fit"] - {"self"}
@@ -135,7 +146,7 @@ def run_name(checkpoint: Path, identity: dict[str, str] | None = None) -> str:
 
 
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
-                   config: BackboneConfig) -> dict[str, Any]:
+                   config: BackboneConfig | None) -> dict[str, Any]:
     """MIMDataModule keyword arguments: data config, then the protocol recipe's `data:`, then the command line."""
     arguments = dict((yaml.safe_load(Path(options.data_config).read_text()) or {}).get("data") or {})
     arguments |= recipe_data or {}
@@ -145,7 +156,8 @@ def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | No
              "knn_bank_size": options.knn_bank, "synthetic_size": options.synthetic_size,
              "num_workers": options.num_workers}
     arguments |= {key: value for key, value in flags.items() if value is not None}
-    arguments.setdefault("synthetic_image_size", config.img_size)
+    if config is not None:
+        arguments.setdefault("synthetic_image_size", config.img_size)
     return arguments | {"persistent_workers": False, "seed": options.seed}
 
 
@@ -176,21 +188,19 @@ def eval_device(options: argparse.Namespace) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def run_knn(encoder: Encoder, options: argparse.Namespace) -> dict[str, Any]:
-    datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder, options.adapt_images)
-    model = MIMViT(encoder.config)
-    state, report = load_encoder_state(encoder.path, encoder.config)
-    load_into(model, state, report)
+def frozen_features(encoder: Encoder | None, options: argparse.Namespace) -> FrozenFeatures:
+    """The cached frozen features of `encoder` (None: the raw pixels) on the evaluation data."""
     device = eval_device(options)
-    model.to(device).eval()
-
-    def features(images: torch.Tensor) -> torch.Tensor:
-        return model.pooled_features(images, options.pool)
-
-    bank, bank_labels = extract_features(features, datamodule.knn_bank_dataloader(), device)
-    test, test_labels = extract_features(features, datamodule.val_dataloader(), device)
-    return knn_accuracy(bank, bank_labels, test, test_labels, datamodule.num_classes, k=options.k,
-                        temperature=options.temperature) | {"val_images": test.shape[0], "epochs": 0}
+    if encoder is None:
+        datamodule, feature_fn = pixel_datamodule(data_arguments(options, None, None)), flatten_pixels
+        identity: dict[str, Any] = {"encoder": PIXELS}
+    else:
+        datamodule = build_datamodule(data_arguments(options, None, encoder.config), encoder, options.adapt_images)
+        feature_fn = encoder_feature_fn(encoder.path, encoder.config, options.pool, device)
+        identity = {"weights_sha256": encoder.digest(), "backbone": encoder.config.to_dict(),
+                    "pool": options.pool}
+    cache = Path(options.feature_cache or Path(options.results) / "features")
+    return FrozenFeatures(datamodule, feature_fn, identity, None if options.feature_cache == "none" else cache, device)
 
 
 def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
@@ -251,6 +261,13 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
     return result
 
 
+def row_identity(encoder: Encoder | None) -> dict[str, str]:
+    """The run, method and config hash of an encoder's rows; "pixels" for the raw-pixel reference."""
+    if encoder is None:
+        return {"run": PIXELS, "method": PIXELS, "config_hash": ""}
+    return {"run": encoder.run, "method": encoder.method, "config_hash": encoder.config_hash}
+
+
 def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Append rows to results.csv and results.md (headers written when the files are new). A results.csv written
     with fewer columns (before `top1_best`, `val_images`) is first rewritten with today's, its rows kept (the new
@@ -280,8 +297,10 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
     parser = argparse.ArgumentParser(prog="lightning-mim evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True,
-                        help="Lightning checkpoint, exported .safetensors, official release, or random:<recipe.yaml>")
-    parser.add_argument("--protocols", default="knn,linear,finetune", help="comma-separated: knn, linear, finetune")
+                        help="Lightning checkpoint, exported .safetensors, official release, random:<recipe.yaml>, "
+                             "or pixels (the raw-pixel reference: knn and logreg only)")
+    parser.add_argument("--protocols", default="knn,linear,finetune",
+                        help="comma-separated: knn, linear, finetune, logreg")
     parser.add_argument("--backbone", type=json.loads, default=None,
                         help='BackboneConfig of a checkpoint that does not store one, as JSON: \'{"size": "base"}\'')
     parser.add_argument("--data-config", default=str(CONFIG_DIR / "data" / "fashion_mnist.yaml"),
@@ -302,12 +321,13 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
     parser.add_argument("--accumulate-grad-batches", type=int, default=None,
                         help="linear probe / fine-tuning gradient accumulation (default: derived from the recipe's "
                              "effective_batch, else the recipe's trainer setting)")
-    parser.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N images")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="train (linear, finetune, logreg) on a seeded subset of N images")
     parser.add_argument("--val-subset", type=int, default=None, help="evaluate on a seeded subset of N images")
     parser.add_argument("--knn-bank", type=int, default=None, help="k-NN bank size (training images)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="k-NN feature pooling")
+    parser.add_argument("--pool", default="avg", choices=("avg", "cls"), help="k-NN and logreg feature pooling")
     parser.add_argument("--adapt-images", action="store_true",
                         help="resize / convert Fashion-MNIST or synthetic images to the encoder's size and channels "
                              "when they differ (default: refuse)")
@@ -323,24 +343,30 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
     parser.add_argument("--eval-dir", default=None,
                         help="working folders of the linear probe / fine-tuning (last.ckpt each epoch, result.json; "
                              "default <results>/eval): a rerun resumes or reuses them")
+    add_frozen_arguments(parser)
     options = parser.parse_args(argv)
     protocols = [name.strip() for name in options.protocols.split(",") if name.strip()]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
         parser.error(f"unknown protocols {unknown}: choose from {', '.join(PROTOCOLS)}")
+    trained = [name for name in protocols if name not in FROZEN_PROTOCOLS]
+    if options.ckpt == PIXELS and trained:
+        parser.error(f"--ckpt pixels has no encoder to train with {', '.join(trained)}: use --protocols knn,logreg")
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as workdir:
         backbone = BackboneConfig(**options.backbone) if options.backbone is not None else None
-        encoder = resolve_encoder(options.ckpt, Path(workdir), backbone)
+        encoder = None if options.ckpt == PIXELS else resolve_encoder(options.ckpt, Path(workdir), backbone)
+        frozen: FrozenFeatures | None = None
         for protocol in protocols:
             start = time.perf_counter()
-            if protocol == "knn":
-                metrics = run_knn(encoder, options)
+            if protocol in FROZEN_PROTOCOLS:
+                frozen = frozen or frozen_features(encoder, options)
+                metrics = run_frozen(protocol, frozen, options) | {"val_images": frozen.val()[1].shape[0],
+                                                                   "epochs": 0}
             else:
                 metrics = run_trained(protocol, encoder, options, callbacks)
-            row = {"run": encoder.run, "method": encoder.method, "config_hash": encoder.config_hash,
-                   "protocol": protocol, "top1": f"{metrics['top1']:.2f}",
+            row = {**row_identity(encoder), "protocol": protocol, "top1": f"{metrics['top1']:.2f}",
                    "top5": f"{metrics['top5']:.2f}" if "top5" in metrics else "",
                    "epochs": metrics["epochs"], "seconds": f"{time.perf_counter() - start:.1f}",
                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -348,6 +374,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
                    "val_images": metrics["val_images"]}
             if rank_zero_only.rank == 0:  # every DDP rank runs this loop; one writes
                 append_results(Path(options.results), [row])
+                if protocol == "logreg":
+                    append_logreg_details(Path(options.results), row, metrics)
             rows.append(row)
             print(" | ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     return rows

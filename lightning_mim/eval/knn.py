@@ -16,9 +16,9 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 
 def extract_features(feature_fn: Callable[[Tensor], Tensor], loader: Iterable, device: torch.device | str,
-                     rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
-    """L2-normalised float32 features (N, D) and int64 labels (N,) on the CPU for the `(image, label)` batches of
-    `loader`, keeping only the batches with index % world_size == rank.
+                     rank: int = 0, world_size: int = 1, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """float32 features (N, D), L2-normalised unless `normalize` is false, and int64 labels (N,) on the CPU for the
+    `(image, label)` batches of `loader`, keeping only the batches with index % world_size == rank.
 
     Runs under `torch.no_grad()` (not `inference_mode`: the results may go through `all_gather`). A rank without any
     batch returns tensors of shape (0, 0) and (0,).
@@ -31,7 +31,8 @@ def extract_features(feature_fn: Callable[[Tensor], Tensor], loader: Iterable, d
             if index % world_size != rank:
                 continue
             output = feature_fn(images.to(device, non_blocking=True))
-            features.append(F.normalize(output.float(), dim=1).cpu())
+            output = output.float()
+            features.append((F.normalize(output, dim=1) if normalize else output).cpu())
             labels.append(torch.as_tensor(targets).to("cpu", torch.int64))
     if not features:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
