@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from lightning_mim.backbone import MIMViT
-from lightning_mim.eval.evaluate import CONFIG_DIR, Encoder, build_datamodule, data_arguments, eval_device, \
-    resolve_encoder
+from lightning_mim.eval.encoders import Encoder, resolve_encoder
+from lightning_mim.eval.evaluate import CONFIG_DIR, build_datamodule, data_arguments, eval_device
 from lightning_mim.eval.representation import (
     Spectrum, attention_distance, attention_entropy, capture_attention, feature_spectrum,
 )

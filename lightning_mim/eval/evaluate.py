@@ -41,24 +41,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.cli import LightningCLI
 import torch
 import yaml
 
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.batch import trained_batch
+from lightning_mim.eval.encoders import Encoder, resolve_encoder, row_identity
 from lightning_mim.eval.features import (
     PIXELS, FrozenFeatures, encoder_feature_fn, flatten_pixels, pixel_datamodule,
 )
@@ -66,85 +64,16 @@ from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.frozen import FROZEN_PROTOCOLS, add_frozen_arguments, append_logreg_details, run_frozen
 from lightning_mim.eval.linear import LinearProbe
 from lightning_mim.eval.resumable import (
-    BestTop1, file_digest, read_result, resumable_trainer_arguments, resume_path, upgrade_csv, working_folder,
+    BestTop1, read_result, resumable_trainer_arguments, resume_path, upgrade_csv, working_folder,
     write_result,
 )
-from lightning_mim.eval.weights import (
-    backbone_config_of, config_hash, pretraining_identity, read_checkpoint, save_encoder,
-)
+from lightning_mim.eval.weights import config_hash
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # top1 is the final epoch's; top1_best the best validated epoch's (linear / finetune); val_images the images scored
 COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp", "top1_best",
            "val_images")
 PROTOCOLS = ("knn", "linear", "finetune", "logreg")
-SAVED_CONFIG_NAME = "config.yaml"  # the file LightningCLI's SaveConfigCallback writes into a run's folder
-# `Trainer.fit`'s own arguments (ckpt_path, weights_only): a run's saved config holds them, a model-only CLI does not
-FIT_ARGUMENTS = set(inspect.signature(L.Trainer.fit).parameters) - LightningCLI.subcommands()["fit"] - {"self"}
-
-
-@dataclass
-class Encoder:
-    """The encoder under evaluation: a weights file readable by `load_encoder_state`, its config and identity."""
-
-    path: Path
-    config: BackboneConfig
-    run: str
-    method: str
-    config_hash: str
-    pretrained_on: str | None = None  # the data source of the pre-training, where the checkpoint records it
-
-    _digest: str | None = field(default=None, init=False, repr=False)
-
-    def digest(self) -> str:
-        """sha256 of the weights file (computed once)."""
-        if self._digest is None:
-            self._digest = file_digest(self.path)
-        return self._digest
-
-
-def random_encoder(recipe: Path, workdir: Path) -> Encoder:
-    """The model of a pre-training recipe, or of the config.yaml a `fit` run saved in its folder, at its seeded
-    initialisation, built by the LightningCLI exactly as `lightning-mim fit --config <recipe>` builds it (same
-    hyper-parameters, hence the same config hash). A run's config is named by its run folder
-    (`random:mae/version_0`)."""
-    from lightning_mim.cli import run_cli  # the CLI module imports this one for its subcommands
-
-    config = {key: value for key, value in (yaml.safe_load(recipe.read_text()) or {}).items()
-              if key not in FIT_ARGUMENTS}
-    cli = run_cli(["--config", yaml.safe_dump(config), "--trainer.logger", "false"], run=False)
-    model = cli.model
-    path = save_encoder(model.backbone.state_dict(), model.backbone_config, workdir / "random_init.safetensors")
-    run = f"{recipe.parent.parent.name}/{recipe.parent.name}" if recipe.name == SAVED_CONFIG_NAME else recipe.stem
-    return Encoder(path, model.backbone_config, f"random:{run}", type(model).__name__,
-                   config_hash(dict(model.hparams)))
-
-
-def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = None) -> Encoder:
-    """`random:<recipe.yaml>`, or a checkpoint / safetensors file (its backbone config is read from the file unless
-    `backbone` is given)."""
-    if spec.startswith("random:"):
-        return random_encoder(Path(spec[len("random:"):]), workdir)
-    path = Path(spec)
-    config = backbone or backbone_config_of(path)
-    identity = pretraining_identity(path, config)
-    data = {} if path.suffix == ".safetensors" else read_checkpoint(path).get("datamodule_hyper_parameters") or {}
-    return Encoder(path, config, run_name(path, identity), identity["method"], identity["config_hash"],
-                   data.get("source"))
-
-
-def run_name(checkpoint: Path, identity: dict[str, str] | None = None) -> str:
-    """The `run` of a weights file's rows in results.csv: `<logger name>/<version>/<file>`, from the run recorded in
-    the file (`pretraining_identity`) or, for an older checkpoint at `<save_dir>/<name>/<version>/checkpoints/<file>`,
-    from its path; else the file name."""
-    identity = identity if identity is not None else pretraining_identity(checkpoint, backbone_config_of(checkpoint))
-    if "run" in identity:
-        return f"{identity['run']}/{checkpoint.name}"
-    if checkpoint.parent.name == "checkpoints":
-        return "/".join([*(part.name for part in checkpoint.parents[2:0:-1]), checkpoint.name])
-    return checkpoint.name
-
-
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
                    config: BackboneConfig | None) -> dict[str, Any]:
     """MIMDataModule keyword arguments: data config, then the protocol recipe's `data:`, then the command line."""
@@ -261,13 +190,6 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
     return result
 
 
-def row_identity(encoder: Encoder | None) -> dict[str, str]:
-    """The run, method and config hash of an encoder's rows; "pixels" for the raw-pixel reference."""
-    if encoder is None:
-        return {"run": PIXELS, "method": PIXELS, "config_hash": ""}
-    return {"run": encoder.run, "method": encoder.method, "config_hash": encoder.config_hash}
-
-
 def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
     """Append rows to results.csv and results.md (headers written when the files are new). A results.csv written
     with fewer columns (before `top1_best`, `val_images`) is first rewritten with today's, its rows kept (the new
@@ -381,4 +303,4 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
     return rows
 
 
-__all__ = ["COLUMNS", "append_results", "config_hash", "main", "resolve_encoder", "run_name"]
+__all__ = ["COLUMNS", "PROTOCOLS", "append_results", "build_datamodule", "config_hash", "data_arguments", "main"]

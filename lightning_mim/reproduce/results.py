@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_mim.eval.evaluate import run_name
+from lightning_mim.eval.encoders import run_name
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.stats import Summary, summarize
