@@ -51,6 +51,8 @@ LOG_TAIL_LINES = 15
 # One evaluation for every method in `compare` at paper scale: MAE's linear-probe and fine-tuning recipes.
 COMPARE_LINEAR = "configs/eval/linear_mae_vit_b16_in1k.yaml"
 COMPARE_FINETUNE = "configs/eval/finetune_mae_vit_b16_in1k.yaml"
+# Rows whose encoder only its own fine-tuning recipe can take: SimMIM's relative position bias (copied per block).
+OWN_FINETUNE = {"simmim"}
 
 
 def cli_command(*words: str) -> list[str]:
@@ -179,13 +181,15 @@ def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None
     0..seeds-1."""
     store = out_root / setup.preset
     if setup.preset == "paper":
-        specs = evaluations(setup, COMPARE_FINETUNE, COMPARE_LINEAR)
         runs = [plan_run(setup, store, f"compare_{key}", row.method, row.recipe, row.backbone, (),
-                         row.effective_batch, specs, ["--trainer.max_epochs", str(epochs)], seed)
+                         row.effective_batch,
+                         evaluations(setup, row.finetune_recipe if key in OWN_FINETUNE else COMPARE_FINETUNE,
+                                     COMPARE_LINEAR), ["--trainer.max_epochs", str(epochs)], seed)
                 for seed in check_seeds(seeds) for key, row in COMPARE_ROWS.items()]
         budget = (f"ViT-B/16 at 224 px, each method's paper recipe and effective batch for {epochs} epochs (the token "
-                  f"methods with the VQ-KD tokenizer); one evaluation: k-NN, MAE's linear-probe and fine-tuning "
-                  f"recipes")
+                  f"methods with the VQ-KD tokenizer); one evaluation: k-NN, the logistic-regression probe, MAE's "
+                  f"linear-probe and fine-tuning recipes (SimMIM: its own fine-tuning recipe, which its relative "
+                  f"position bias needs)")
     else:
         runs = [demo_run(setup, store, demo, seed=seed) for seed in check_seeds(seeds) for demo in DEMO_ROWS.values()]
         budget = (f"every method at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px (the SimMIM / SymMIM masks need an 8 x 8 "

@@ -13,7 +13,7 @@ from lightning_mim.reproduce.stats import summarize
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-MARKERS = "os^D"
+MARKERS = "os^Dv"
 # After matplotlib's ten: two colours unlike any of them, for up to twelve rows (compare's demo rows).
 EXTRA_COLOURS = ("black", "#ffe119")
 

@@ -35,9 +35,11 @@ SMOKE_EVALUATE = (
 # PRESET=demo pre-trains every row for this many steps of batch 256 (STEPS= sets another): minutes per row on a
 # CPU core, and every method on the same budget.
 DEMO_STEPS = 300
-# The demo's linear probe (10 epochs) and fine-tuning (cut to 2 epochs) train on a seeded 10,000-image subset of the
-# 60,000 training images, so that a row's evaluation takes minutes on the CPU.
-DEMO_EVALUATE = ("--accelerator", "cpu", "--train-subset", "10000", "--finetune-epochs", "2")
+# The demo evaluates with the two protocols that converge on the CPU in minutes: k-NN (a 10,000-image bank) and the
+# logistic-regression probe trained to convergence on the cached features of all 60,000 training images (its L2 chosen
+# on a held-out tenth). MAE's 10-epoch LARS probe and a 2-epoch fine-tune do not converge at this budget (issue 28:
+# both read far below a linear classifier on raw pixels), so the CPU demo does not publish them.
+DEMO_EVALUATE = ("--accelerator", "cpu")
 
 
 class ReproduceError(ValueError):
@@ -170,17 +172,18 @@ def pretrain_args(setup: Setup, recipe: str, effective_batch: int | None) -> tup
 
 
 def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | None = None) -> list[EvalSpec]:
-    """The evaluation stages of one row: k-NN and the linear probe at smoke scale, fine-tuning too at demo scale; at
-    paper scale k-NN, the linear probe when a recipe is given, and fine-tuning with the row's recipe on GPUS GPUs of
-    one node."""
+    """The evaluation stages of one row: k-NN and the linear probe at smoke scale; k-NN and the converged
+    logistic-regression probe at demo scale; at paper scale k-NN and the logistic-regression probe on the frozen
+    features, MAE's linear probe when a recipe is given, and fine-tuning with the row's recipe on GPUS GPUs of one
+    node."""
     if setup.preset == "smoke":
         return [EvalSpec("knn,linear", SMOKE_EVALUATE)]
     if setup.preset == "demo":
-        return [EvalSpec("knn,linear,finetune", (*DEMO_EVALUATE, *(("--data-dir", setup.data) if setup.data else ())))]
+        return [EvalSpec("knn,logreg", (*DEMO_EVALUATE, *(("--data-dir", setup.data) if setup.data else ())))]
     data_config, _, data_args = paper_data(setup.data)
     common = ("--data-config", data_config, *data_args, "--accelerator", "gpu")
     trained = ("--devices", str(setup.gpus), "--strategy", "ddp")
-    specs = [EvalSpec("knn", common)]
+    specs = [EvalSpec("knn,logreg", common)]
     if linear_recipe is not None:
         specs.append(EvalSpec("linear", (*common, "--linear-config", config(linear_recipe), *trained,
                                          *recipe_batch_args(linear_recipe, setup.gpus)), setup.gpus))

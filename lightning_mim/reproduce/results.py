@@ -13,7 +13,7 @@ from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.stats import Summary, summarize
 
-PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune"}
+PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune", "logreg": "logistic regression"}
 THROUGHPUT_TAG = "train/throughput_img_s"
 
 
