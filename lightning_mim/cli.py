@@ -25,14 +25,16 @@ import jsonargparse
 import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
+from lightning_mim.callbacks import (
+    CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, RequeueAtStepBoundary, Throughput,
+)
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
 from lightning_mim.reliability import (
@@ -103,13 +105,16 @@ class MIMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
-        CheckpointIO; RNG states travel in every checkpoint."""
+        CheckpointIO; RNG states travel in every checkpoint. Under SLURM the time-limit signal requeues the job at a
+        step boundary (`RequeueAtStepBoundary`) instead of Lightning's mid-step handler."""
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         config["plugins"] = plugins
-        return super()._instantiate_trainer(config, [*callbacks, RNGState()])
+        return super()._instantiate_trainer(config, [*callbacks, RNGState(), RequeueAtStepBoundary()])
 
     def _parse_ckpt_path(self) -> None:
         """`fit` keeps this command line's configuration and checks it against the checkpoint's when resuming
@@ -169,14 +174,12 @@ class MIMCLI(LightningCLI):
             print(f"resuming from {config['ckpt_path']} (found in --checkpoint.dirpath)", flush=True)
 
     def after_fit(self) -> None:
-        """A SLURM run that reached its end removes its requeue checkpoints (and its job folder if that is left
-        empty): only an interrupted run is resumed from them."""
+        """A SLURM run that reached its end (`RequeueAtStepBoundary` has removed its requeue checkpoints) removes its
+        job folder if that is left empty: only an interrupted run is resumed from it."""
         if not (SLURMEnvironment.detect() and self.trainer.is_global_zero
                 and self.trainer.state.status == TrainerStatus.FINISHED):
             return
         job_folder = Path(self.trainer.default_root_dir)
-        for checkpoint in job_folder.glob("hpc_ckpt_*.ckpt"):
-            checkpoint.unlink()
         if job_folder.is_dir() and not any(job_folder.iterdir()):
             job_folder.rmdir()
 
