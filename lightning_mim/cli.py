@@ -33,7 +33,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_mim.callbacks import (
-    CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, RequeueAtStepBoundary, Throughput,
+    CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, RequeueAtStepBoundary, TextProgress, Throughput,
 )
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
@@ -61,7 +61,8 @@ def run_name(config: Namespace) -> str:
 class MIMCLI(LightningCLI):
     """Method chosen with `--model <Name>` (or `class_path` in YAML); one DataModule; the monitoring callbacks and
     checkpointing are top-level groups (`--knn.*`, `--throughput.*`, `--reconstruction.*`, `--checkpoint.*`,
-    `--compile.*`)."""
+    `--compile.*`, `--progress.*`). Where stdout is not a terminal the progress bar is off unless
+    `--trainer.enable_progress_bar` is typed, and `TextProgress` prints a line every `--progress.every_n_steps`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MIMCheckpoint, "checkpoint")
@@ -70,6 +71,7 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
         parser.add_lightning_class_args(CompileLosses, "compile")
+        parser.add_lightning_class_args(TextProgress, "progress")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
 
     def before_instantiate_classes(self) -> None:
@@ -79,6 +81,8 @@ class MIMCLI(LightningCLI):
         self._name_loggers(config)
         self._follow_launcher(config.trainer)
         self._give_slurm_job_its_folder(config.trainer)
+        if not sys.stdout.isatty() and "enable_progress_bar" not in self.typed_trainer_keys:
+            config.trainer.enable_progress_bar = False
 
     @staticmethod
     def _name_loggers(config: Namespace) -> None:
@@ -124,11 +128,11 @@ class MIMCLI(LightningCLI):
             super()._parse_ckpt_path()
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Also notes which of trainer.devices / trainer.num_nodes the command line itself sets (see
-        `_follow_launcher`)."""
+        """Also notes which of trainer.devices / trainer.num_nodes / trainer.enable_progress_bar the command line
+        itself sets (see `_follow_launcher`, `before_instantiate_classes`)."""
         words = sys.argv[1:] if args is None else args
         words = words if isinstance(words, (list, tuple)) else []
-        self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes") if any(
+        self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes", "enable_progress_bar") if any(
             word == f"--trainer.{key}" or str(word).startswith(f"--trainer.{key}=") for word in words))
         super().parse_arguments(parser, args)
 
