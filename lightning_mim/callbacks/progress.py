@@ -11,7 +11,8 @@ from lightning.pytorch import Callback
 class TextProgress(Callback):
     """When the trainer has no progress bar (the CLI turns it off where stdout is not a terminal, e.g. sbatch's
     `.out` file, which a bar floods with redraws), rank 0 prints one line every `every_n_steps` optimiser steps:
-    step, epoch, loss and steps per second. The loss is read on those steps only (one device sync each)."""
+    step, epoch, loss and steps per second. The loss is read on those steps only (one device sync each): keep
+    `every_n_steps` a multiple of `trainer.log_every_n_steps` (both 50 by default) so that they are logging steps."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         if every_n_steps < 1:
