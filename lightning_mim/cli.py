@@ -38,7 +38,7 @@ from lightning_mim.callbacks import (
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
 from lightning_mim.reliability import (
-    AtomicCheckpointIO, RNGState, UnsafeCheckpointError, fit_to_launcher, launcher_layout,
+    AtomicCheckpointIO, ResumeLoaderPosition, RNGState, UnsafeCheckpointError, fit_to_launcher, launcher_layout,
 )
 from lightning_mim.targets.base import MissingExtraError
 
@@ -109,7 +109,8 @@ class MIMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
-        CheckpointIO; RNG states travel in every checkpoint. Under SLURM the time-limit signal requeues the job at a
+        CheckpointIO; RNG states travel in every checkpoint; a resume continues the loader's position (see
+        `ResumeLoaderPosition`). Under SLURM the time-limit signal requeues the job at a
         step boundary (`RequeueAtStepBoundary`) instead of Lightning's mid-step handler."""
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -118,7 +119,8 @@ class MIMCLI(LightningCLI):
         if SLURMEnvironment.detect() and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
             plugins.append(SLURMEnvironment(auto_requeue=False))
         config["plugins"] = plugins
-        return super()._instantiate_trainer(config, [*callbacks, RNGState(), RequeueAtStepBoundary()])
+        return super()._instantiate_trainer(config, [*callbacks, RNGState(), ResumeLoaderPosition(),
+                                                    RequeueAtStepBoundary()])
 
     def _parse_ckpt_path(self) -> None:
         """`fit` keeps this command line's configuration and checks it against the checkpoint's when resuming

@@ -44,7 +44,9 @@ def fit(tmp_path, bin_dir, job_id: str, name: str, *callbacks: dict) -> subproce
     recorder = {"class_path": "helpers.LossRecorder", "init_args": {"path": str(tmp_path / f"{name}.txt")}}
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": [recorder, *callbacks]}}))
     command = cli_command("fit", *MICRO, *TENSORBOARD, "--config", str(config), "--seed_everything", "7",
-                          "--data.synthetic_size", "64", "--trainer.max_steps", str(TOTAL))
+                          "--data.synthetic_size", "64", "--trainer.max_steps", str(TOTAL),
+                          # bounded by epochs too, as a recipe is: the lr schedule builds the loader before the restore
+                          "--trainer.max_epochs", "1000")
     return subprocess.run(command, cwd=tmp_path, env=slurm_env(bin_dir, job_id), capture_output=True, text=True,
                           timeout=300)
 
