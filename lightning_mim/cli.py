@@ -25,18 +25,20 @@ import jsonargparse
 import yaml
 from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_mim.callbacks import CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, Throughput
+from lightning_mim.callbacks import (
+    CompileLosses, KNNMonitor, MIMCheckpoint, ReconstructionImages, RequeueAtStepBoundary, TextProgress, Throughput,
+)
 from lightning_mim.data import MIMDataModule
 from lightning_mim.methods import MIMMethod
 from lightning_mim.reliability import (
-    AtomicCheckpointIO, RNGState, UnsafeCheckpointError, fit_to_launcher, launcher_layout,
+    AtomicCheckpointIO, ResumeLoaderPosition, RNGState, UnsafeCheckpointError, fit_to_launcher, launcher_layout,
 )
 from lightning_mim.targets.base import MissingExtraError
 
@@ -59,7 +61,8 @@ def run_name(config: Namespace) -> str:
 class MIMCLI(LightningCLI):
     """Method chosen with `--model <Name>` (or `class_path` in YAML); one DataModule; the monitoring callbacks and
     checkpointing are top-level groups (`--knn.*`, `--throughput.*`, `--reconstruction.*`, `--checkpoint.*`,
-    `--compile.*`)."""
+    `--compile.*`, `--progress.*`). Where stdout is not a terminal the progress bar is off unless
+    `--trainer.enable_progress_bar` is typed, and `TextProgress` prints a line every `--progress.every_n_steps`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MIMCheckpoint, "checkpoint")
@@ -68,6 +71,7 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
         parser.add_lightning_class_args(CompileLosses, "compile")
+        parser.add_lightning_class_args(TextProgress, "progress")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
 
     def before_instantiate_classes(self) -> None:
@@ -77,6 +81,8 @@ class MIMCLI(LightningCLI):
         self._name_loggers(config)
         self._follow_launcher(config.trainer)
         self._give_slurm_job_its_folder(config.trainer)
+        if not sys.stdout.isatty() and "enable_progress_bar" not in self.typed_trainer_keys:
+            config.trainer.enable_progress_bar = False
 
     @staticmethod
     def _name_loggers(config: Namespace) -> None:
@@ -103,13 +109,18 @@ class MIMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Checkpoints are written atomically and loaded weights-only unless `--trainer.plugins` names another
-        CheckpointIO; RNG states travel in every checkpoint."""
+        CheckpointIO; RNG states travel in every checkpoint; a resume continues the loader's position (see
+        `ResumeLoaderPosition`). Under SLURM the time-limit signal requeues the job at a
+        step boundary (`RequeueAtStepBoundary`) instead of Lightning's mid-step handler."""
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(plugin, ClusterEnvironment) for plugin in plugins):
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         config["plugins"] = plugins
-        return super()._instantiate_trainer(config, [*callbacks, RNGState()])
+        return super()._instantiate_trainer(config, [*callbacks, RNGState(), ResumeLoaderPosition(),
+                                                    RequeueAtStepBoundary()])
 
     def _parse_ckpt_path(self) -> None:
         """`fit` keeps this command line's configuration and checks it against the checkpoint's when resuming
@@ -119,11 +130,11 @@ class MIMCLI(LightningCLI):
             super()._parse_ckpt_path()
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Also notes which of trainer.devices / trainer.num_nodes the command line itself sets (see
-        `_follow_launcher`)."""
+        """Also notes which of trainer.devices / trainer.num_nodes / trainer.enable_progress_bar the command line
+        itself sets (see `_follow_launcher`, `before_instantiate_classes`)."""
         words = sys.argv[1:] if args is None else args
         words = words if isinstance(words, (list, tuple)) else []
-        self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes") if any(
+        self.typed_trainer_keys = frozenset(key for key in ("devices", "num_nodes", "enable_progress_bar") if any(
             word == f"--trainer.{key}" or str(word).startswith(f"--trainer.{key}=") for word in words))
         super().parse_arguments(parser, args)
 
@@ -169,14 +180,12 @@ class MIMCLI(LightningCLI):
             print(f"resuming from {config['ckpt_path']} (found in --checkpoint.dirpath)", flush=True)
 
     def after_fit(self) -> None:
-        """A SLURM run that reached its end removes its requeue checkpoints (and its job folder if that is left
-        empty): only an interrupted run is resumed from them."""
+        """A SLURM run that reached its end (`RequeueAtStepBoundary` has removed its requeue checkpoints) removes its
+        job folder if that is left empty: only an interrupted run is resumed from it."""
         if not (SLURMEnvironment.detect() and self.trainer.is_global_zero
                 and self.trainer.state.status == TrainerStatus.FINISHED):
             return
         job_folder = Path(self.trainer.default_root_dir)
-        for checkpoint in job_folder.glob("hpc_ckpt_*.ckpt"):
-            checkpoint.unlink()
         if job_folder.is_dir() and not any(job_folder.iterdir()):
             job_folder.rmdir()
 

@@ -265,3 +265,17 @@ def fit_to_launcher(devices: Any, num_nodes: int, layout: LauncherLayout,
         raise ValueError(f"--trainer.num_nodes {num_nodes} but {layout.launcher} started {layout.nodes} nodes "
                          f"({layout.origin}): set --trainer.num_nodes {layout.nodes} or leave it out")
     return (devices if count == layout.per_node else layout.per_node), layout.nodes
+
+
+class ResumeLoaderPosition(Callback):
+    """Resumes the training loader at the checkpoint's position also when the loader was built before the checkpoint
+    was restored. A recipe bounded by epochs reads `trainer.estimated_stepping_batches` in `configure_optimizers`
+    (lr schedule), which builds the loader before Lightning restores the loops; Lightning then keeps that loader and
+    never applies the saved position, so a resume mid-epoch replays the epoch from its first batch. At the start of
+    training, a position still waiting to be applied rebuilds the loader the way a late build would."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loop = trainer.fit_loop
+        if loop._combined_loader_states_to_load and loop._combined_loader is not None:
+            loop._combined_loader = None
+            loop.setup_data()

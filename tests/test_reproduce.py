@@ -179,7 +179,7 @@ def test_paper_dry_run_prints_torchrun_and_sbatch_at_the_papers_batch_and_lr():
     assert result.returncode == 0, result.stderr
     lines = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("    ") and "#" not in line]
     torchrun = [words for words in lines if any(word.endswith("torchrun_pretrain.sh") for word in words)]
-    sbatch = [words for words in lines if words[:1] == ["sbatch"] and "--wait" in words]
+    sbatch = [words for words in lines if words[:1] == ["sbatch"] and "--parsable" in words]
     assert len(torchrun) == len(sbatch) == len(PAPERS["lut"].rows) == 4
     for words in torchrun:
         env = dict(word.split("=", 1) for word in words[:words.index(next(w for w in words if "=" not in w))])

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from lightning_mim.reproduce.presets import (
 )
 from lightning_mim.reproduce.state import State, fingerprint
 from lightning_mim.reproduce.tables import finish_compare, finish_paper
+from lightning_mim.reproduce.slurm import DEFAULT_CPUS_PER_GPU, SlurmJobError, node_cpus_per_gpu, submit, wait_for_job
 
 LOG_TAIL_LINES = 15
 # One evaluation for every method in `compare` at paper scale: MAE's linear-probe and fine-tuning recipes.
@@ -93,12 +94,13 @@ def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, back
         pretrain.alternative = other.shown()
     stages = [pretrain]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    pretrain.expects = checkpoint
     for spec in specs:
         words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args, *(("--seed", str(seed)) if seed else ())]
         log = run_dir / f"evaluate-{spec.protocols.replace(',', '+')}.log"
         command = cli_command("evaluate", "--ckpt", shown(checkpoint), "--results", shown(store), *words)
         if setup.slurm:
-            command = sbatch_wrap(command, spec.devices, log, f"{job_name}-evaluate")
+            command = sbatch_wrap(command, spec.devices, log, f"{job_name}-evaluate", setup.cpus_per_gpu)
         stages.append(Stage(f"{label}/evaluate {spec.protocols}", command,
                             fingerprint(words, pretrain_fingerprint), log, after=pretrain.key))
     protocols = tuple(protocol for spec in specs for protocol in spec.protocols.split(","))
@@ -208,6 +210,21 @@ def execute(stage: Stage, env: dict[str, str]) -> int:
                               env={**os.environ, **env, **stage.env}).returncode
 
 
+def execute_slurm_job(stage: Stage, say: Callable[[str], None]) -> str | None:
+    """Submit a stage's sbatch command and follow the job to its end; None when it did what the stage needs, else
+    the line that says what happened."""
+    stage.log.parent.mkdir(parents=True, exist_ok=True)
+    with stage.log.open("a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage.shown()}\n")
+    try:
+        job_id = submit(stage.command)
+        say(f"    SLURM job {job_id} submitted; log: {shown(stage.log)}")
+        wait_for_job(job_id, shown(stage.log), stage.expects, say)
+    except SlurmJobError as error:
+        return str(error)
+    return None
+
+
 def log_tail(path: Path) -> str:
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     return "\n".join("    " + line for line in lines[-LOG_TAIL_LINES:])
@@ -236,7 +253,7 @@ def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
     ran: set[str] = set()
     stage_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
     printing = threading.Lock()
-    failures: list[tuple[Stage, int]] = []
+    failures: list[tuple[Stage, int, str | None]] = []
     env = threads_env(jobs)
 
     def say(text: str, file=sys.stdout) -> None:
@@ -260,12 +277,16 @@ def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
                     continue
                 state.start(stage)
                 start = time.perf_counter()
-                returncode = execute(stage, env)
+                if stage.command[:1] == ["sbatch"]:
+                    failure = execute_slurm_job(stage, say)
+                    returncode = int(failure is not None)
+                else:
+                    failure, returncode = None, execute(stage, env)
                 seconds = time.perf_counter() - start
                 state.finish(stage, "done" if returncode == 0 else "failed", seconds)
                 if returncode:
-                    failures.append((stage, returncode))
-                    say(log_tail(stage.log), file=sys.stderr)
+                    failures.append((stage, returncode, failure))
+                    say(failure or log_tail(stage.log), file=sys.stderr)
                     return
                 say(f"    {stage.key} done in {seconds:.0f} s")
 
@@ -276,7 +297,9 @@ def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(run_row, plan.runs))
     if failures:
-        stage, returncode = failures[0]
+        stage, returncode, failure = failures[0]
+        if failure is not None:
+            raise ReproduceError(f"stage {stage.key}: {failure}. Finished stages are kept")
         raise ReproduceError(f"stage {stage.key} failed (exit {returncode}); its log: {shown(stage.log)}. Finished "
                              f"stages are kept: fix the cause and run the same command again")
     return state
@@ -290,6 +313,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=8, help="paper: GPUs per node")
     parser.add_argument("--nodes", type=int, default=1, help="paper: nodes")
     parser.add_argument("--slurm", action="store_true", help="paper: submit experiments/slurm_pretrain.sbatch")
+    parser.add_argument("--cpus-per-gpu", type=int, default=None,
+                        help=f"SLURM: --cpus-per-task of every job (default: the GPU nodes' CPUs per GPU as sinfo "
+                             f"reports them, else {DEFAULT_CPUS_PER_GPU})")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running it")
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all)")
     parser.add_argument("--steps", type=int, default=None, help=f"demo: pre-training steps of every row (default "
@@ -307,8 +333,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def setup_of(options: argparse.Namespace) -> Setup:
     preset = options.preset or ("paper" if options.data else "demo")
+    cpus = options.cpus_per_gpu or (node_cpus_per_gpu() if options.slurm else None) or DEFAULT_CPUS_PER_GPU
     return Setup(preset, options.data, options.gpus, options.nodes, options.slurm,
-                 tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)), options.steps)
+                 tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)), options.steps, cpus)
 
 
 def main(argv: list[str] | None = None) -> list[Plan]:

@@ -41,6 +41,7 @@ class Stage:
     env: dict[str, str] = field(default_factory=dict)
     after: str | None = None
     alternative: str | None = None  # the same stage under the other launcher, printed by dry runs
+    expects: Path | None = None  # the file a SLURM job of this stage must leave to count as done
 
     def shown(self) -> str:
         return " ".join([*(f"{name}={value}" for name, value in self.env.items()), shlex.join(self.command)])

@@ -13,6 +13,7 @@ import yaml
 
 from lightning_mim.eval.batch import BatchSplitError, split_batch
 from lightning_mim.methods.base import OptimConfig
+from lightning_mim.reproduce.slurm import DEFAULT_CPUS_PER_GPU, TIME_LIMIT, TIME_LIMIT_SIGNAL
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ("smoke", "demo", "paper")
@@ -72,12 +73,14 @@ class Setup:
     fit_args: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
     steps: int | None = None  # demo: pre-training steps (default DEMO_STEPS)
+    cpus_per_gpu: int = DEFAULT_CPUS_PER_GPU  # SLURM: --cpus-per-task of every job
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ReproduceError(f"unknown preset {self.preset!r}: choose PRESET={', '.join(PRESETS)}")
-        if self.gpus < 1 or self.nodes < 1:
-            raise ReproduceError(f"GPUS and NODES must be at least 1, got GPUS={self.gpus} NODES={self.nodes}")
+        if self.gpus < 1 or self.nodes < 1 or self.cpus_per_gpu < 1:
+            raise ReproduceError(f"GPUS, NODES and CPUS_PER_GPU must be at least 1, got GPUS={self.gpus} NODES="
+                                 f"{self.nodes} CPUS_PER_GPU={self.cpus_per_gpu}")
         if self.preset == "paper" and not self.data:
             raise ReproduceError("PRESET=paper needs DATA=<ImageNet ImageFolder with train/ and val/, or a folder of "
                                  "make-shards WebDataset shards train-*.tar / val-*.tar>")
@@ -218,14 +221,17 @@ def torchrun_command(setup: Setup, fit_args: list[str]) -> tuple[list[str], dict
 
 
 def sbatch_command(setup: Setup, fit_args: list[str], log: Path, job_name: str) -> list[str]:
-    """experiments/slurm_pretrain.sbatch submitted for GPUS x NODES tasks, waiting for the job to end (`--wait`) so
-    that the evaluations follow it."""
-    return ["sbatch", "--wait", "--nodes", str(setup.nodes), "--ntasks-per-node", str(setup.gpus),
-            "--gpus-per-node", str(setup.gpus), "--job-name", job_name, "--output", shown(log),
-            config("experiments/slurm_pretrain.sbatch"), *fit_args]
+    """experiments/slurm_pretrain.sbatch submitted for GPUS x NODES tasks with CPUS_PER_GPU CPUs each; `--parsable`
+    prints the job id, which the driver follows until the job ends (`reproduce.slurm.wait_for_job`)."""
+    return ["sbatch", "--parsable", "--nodes", str(setup.nodes), "--ntasks-per-node", str(setup.gpus),
+            "--gpus-per-node", str(setup.gpus), "--cpus-per-task", str(setup.cpus_per_gpu), "--job-name", job_name,
+            "--output", shown(log), config("experiments/slurm_pretrain.sbatch"), *fit_args]
 
 
-def sbatch_wrap(command: list[str], tasks: int, log: Path, job_name: str) -> list[str]:
-    """An evaluation submitted as a one-node SLURM job of `tasks` GPU tasks, waiting for it to end."""
-    return ["sbatch", "--wait", "--nodes", "1", "--ntasks-per-node", str(tasks), "--gpus-per-node", str(tasks),
-            "--job-name", job_name, "--output", shown(log), "--wrap", f"srun {shlex.join(command)}"]
+def sbatch_wrap(command: list[str], tasks: int, log: Path, job_name: str, cpus_per_task: int) -> list[str]:
+    """An evaluation submitted as a one-node SLURM job of `tasks` GPU tasks with the pre-training template's log
+    mode, time limit, time-limit signal and requeue; `--parsable` prints the job id the driver follows."""
+    return ["sbatch", "--parsable", "--nodes", "1", "--ntasks-per-node", str(tasks), "--gpus-per-node", str(tasks),
+            "--cpus-per-task", str(cpus_per_task), "--time", TIME_LIMIT, "--signal", TIME_LIMIT_SIGNAL,
+            "--requeue", "--open-mode", "append", "--job-name", job_name, "--output", shown(log),
+            "--wrap", f"srun --cpus-per-task {cpus_per_task} {shlex.join(command)}"]

@@ -98,3 +98,14 @@ class RecordParameterChanges(L.Callback):
         with open(f"{self.path}.{trainer.global_rank}", "a") as handle:
             handle.write(f"{trainer.global_step} {int(not bool((after == self.before).all()))} "
                          f"{float(after.double().sum()):.12g}\n")
+
+
+class SignalAtStep(L.Callback):
+    """Sends `signal` (a name) to its own process in the middle of step `step`, on every rank or on rank `rank`."""
+
+    def __init__(self, step: int, signal: str = "SIGUSR1", rank: int | None = None) -> None:
+        self.step, self.signal, self.rank = step, signal, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1 and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), getattr(signal, self.signal))
