@@ -1,0 +1,172 @@
+"""How each table row becomes stages: the `lightning-mim fit` and `evaluate` commands of a row at every seed, with
+their fingerprints and logs, for a paper's table (`plan_paper`) and for `compare` (`plan_compare`)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_mim.reproduce.papers import (
+    COMPARE_ROWS, DEMO_CODEBOOK, DEMO_IMG_SIZE, DEMO_ROWS, DemoRow, Paper, Row,
+)
+from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage, check_seeds, seed_label, seeds_note
+from lightning_mim.reproduce.presets import (
+    EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
+    torchrun_command,
+)
+from lightning_mim.reproduce.state import fingerprint
+
+# One evaluation for every method in `compare` at paper scale: MAE's linear-probe and fine-tuning recipes.
+COMPARE_LINEAR = "configs/eval/linear_mae_vit_b16_in1k.yaml"
+COMPARE_FINETUNE = "configs/eval/finetune_mae_vit_b16_in1k.yaml"
+# Rows whose encoder only its own fine-tuning recipe can take: SimMIM's relative position bias (copied per block).
+OWN_FINETUNE = {"simmim"}
+
+
+def cli_command(*words: str) -> list[str]:
+    """`lightning-mim <words>` with this interpreter."""
+    return [sys.executable, "-m", "lightning_mim.cli", *words]
+
+
+def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, backbone: str,
+             references: tuple[Row, ...], effective_batch: int | None, specs: list[EvalSpec],
+             extra_fit: Sequence[str] = (), seed: int = 0) -> PlannedRun:
+    """A row's stages at one seed: the pre-training (through torchrun or sbatch at paper scale) and one evaluate per
+    spec. Seed 0 adds no argument (every recipe's seed_everything is 0, evaluate's --seed defaults to 0), so its
+    fingerprints, stage keys and folder are those of a single-seed run; another seed passes `--seed_everything` to
+    fit and `--seed` to evaluate (after FIT_ARGS / EVAL_ARGS, so SEEDS wins), which gives it its own fingerprints
+    and run folder."""
+    fit_args, description = pretrain_args(setup, recipe, effective_batch)
+    if setup.preset == "paper" and setup.nodes > 1 and not setup.slurm:
+        description += f"; torchrun: run the same command on nodes 1..{setup.nodes - 1} with their NODE_RANK"
+    fit_args += [*extra_fit, "--trainer.enable_progress_bar", "false", *setup.fit_args,
+                 *(("--seed_everything", str(seed)) if seed else ())]
+    label = seed_label(key, seed)
+    pretrain_fingerprint = fingerprint([*fit_args, f"devices={setup.devices}"])
+    run_dir = store / key / pretrain_fingerprint
+    fit_args += ["--trainer.logger.init_args.save_dir", shown(store), "--trainer.logger.init_args.name", key,
+                 "--trainer.logger.init_args.version", pretrain_fingerprint,
+                 "--trainer.logger.init_args.default_hp_metric", "false",
+                 "--checkpoint.dirpath", shown(run_dir / "checkpoints")]
+    log = run_dir / "pretrain.log"
+    job_name = label.replace("/", "-")
+    if setup.preset != "paper":
+        pretrain = Stage(f"{label}/pretrain", cli_command("fit", *fit_args), pretrain_fingerprint, log)
+    else:
+        torchrun, env = torchrun_command(setup, fit_args)
+        launched = [Stage(f"{label}/pretrain", torchrun, pretrain_fingerprint, log, env),
+                    Stage(f"{label}/pretrain", sbatch_command(setup, fit_args, log, job_name), pretrain_fingerprint,
+                          log)]
+        pretrain, other = launched[::-1] if setup.slurm else launched
+        pretrain.alternative = other.shown()
+    stages = [pretrain]
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    pretrain.expects = checkpoint
+    for spec in specs:
+        words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args, *(("--seed", str(seed)) if seed else ())]
+        log = run_dir / f"evaluate-{spec.protocols.replace(',', '+')}.log"
+        command = cli_command("evaluate", "--ckpt", shown(checkpoint), "--results", shown(store), *words)
+        if setup.slurm:
+            command = sbatch_wrap(command, spec.devices, log, f"{job_name}-evaluate", setup.cpus_per_gpu)
+        stages.append(Stage(f"{label}/evaluate {spec.protocols}", command,
+                            fingerprint(words, pretrain_fingerprint), log, after=pretrain.key))
+    protocols = tuple(protocol for spec in specs for protocol in spec.protocols.split(","))
+    return PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages, seed)
+
+
+def codebook_path(store: Path) -> Path:
+    return store / "codebooks" / ("fmnist_" + "_".join(DEMO_CODEBOOK[1::2]) + ".safetensors")
+
+
+def demo_run(setup: Setup, store: Path, demo: DemoRow, references: tuple[Row, ...] = (), seed: int = 0) -> PlannedRun:
+    """A method's demo (or smoke) row at the demo image size and one seed; a token method's first stage fits the demo
+    codebook (one stage key for every row and seed that reads it, so it is fitted once; its file name holds its
+    settings, so a changed setting changes the pre-training's arguments and re-runs it)."""
+    path = codebook_path(store)
+    extra = [*demo.size_args, *(("--model.tokenizer.path", shown(path)) if demo.codebook else ())]
+    run = plan_run(setup, store, demo.key, demo.method, demo.recipe, demo_backbone(setup), references, None,
+                   evaluations(setup, None), extra, seed)
+    if demo.codebook:
+        words = [shown(path), *DEMO_CODEBOOK, "--source", "fashion_mnist",
+                 *(("--data-dir", setup.data) if setup.data else ()),
+                 *(("--max-images", "2000") if setup.preset == "smoke" else ())]
+        run.stages.insert(0, Stage(f"tokenizer/{path.stem}", cli_command("tokenizer", "fit", *words),
+                                   fingerprint(words), store / "codebooks" / f"{path.stem}.log"))
+    return run
+
+
+def demo_backbone(setup: Setup) -> str:
+    return f"ViT micro/4, {DEMO_IMG_SIZE} px, {'synthetic' if setup.preset == 'smoke' else 'Fashion-MNIST'}"
+
+
+def select(runs: list[PlannedRun], rows: Sequence[str] | None) -> list[PlannedRun]:
+    if not rows:
+        return runs
+    unknown = sorted(set(rows) - {run.key for run in runs})
+    if unknown:
+        keys = ",".join(dict.fromkeys(run.key for run in runs))
+        raise ReproduceError(f"unknown ROWS {','.join(unknown)}: choose from {keys}")
+    return [run for run in runs if run.key in rows]
+
+
+def preset_note(setup: Setup) -> str:
+    """The scale of a table, and any arguments the user added to its runs."""
+    if setup.preset == "paper":
+        note = (f"PRESET=paper: ImageNet-1k at {setup.data}, {setup.gpus} GPUs x {setup.nodes} nodes, each row at "
+                f"its paper's effective batch.")
+    else:
+        scale = ("PRESET=smoke: synthetic images, 6 steps; a test of the pipeline" if setup.preset == "smoke" else
+                 f"PRESET=demo: Fashion-MNIST at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, 4 deep, "
+                 f"patch 4), each method's demo recipe for {setup.demo_steps} steps of batch 256 on the CPU")
+        note = f"{scale}. These are NOT paper numbers and are not comparable with the paper's ImageNet-1k numbers."
+    for name, words in (("FIT_ARGS", setup.fit_args), ("EVAL_ARGS", setup.eval_args)):
+        if words:
+            note += f" {name}: {shlex.join(words)}."
+    return note
+
+
+def plan_paper(paper: Paper, setup: Setup, out_root: Path, rows: Sequence[str] | None = None, seeds: int = 1) -> Plan:
+    """A paper's rows, each at seeds 0..seeds-1 (every row at seed 0 first, then at seed 1, ...)."""
+    store = out_root / setup.preset
+    notes = [preset_note(setup), seeds_note(seeds), f"Paper columns: ImageNet-1k top-1 (%) as "
+                                                    f"../shared/methods/{paper.key}.md reports it; unknown: the spec "
+                                                    f"has no such number."]
+    if setup.preset == "paper":
+        runs = [plan_run(setup, store, row.key, row.method, row.recipe, row.backbone, (row,), row.effective_batch,
+                         evaluations(setup, row.finetune_recipe), seed=seed)
+                for seed in check_seeds(seeds) for row in paper.rows]
+    else:
+        runs = [demo_run(setup, store, DEMO_ROWS[key], tuple(row for row in paper.rows if row.demo_key == key), seed)
+                for seed in check_seeds(seeds) for key in paper.demo_keys]
+        notes += [f"{row.key}: no demo row: Fashion-MNIST is grey, and {row.backbone} needs colour input"
+                  for row in paper.rows if row.demo_key not in DEMO_ROWS]
+    notes += [f"{row.key}: {row.note}" for row in paper.rows if row.note]
+    return Plan(paper.key, paper.title, setup, store / paper.key, store, notes, select(runs, rows))
+
+
+def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None, epochs: int = 800,
+                 seeds: int = 1) -> Plan:
+    """Every method that exists under one budget, one backbone, one data pipeline and one evaluation, each at seeds
+    0..seeds-1."""
+    store = out_root / setup.preset
+    if setup.preset == "paper":
+        runs = [plan_run(setup, store, f"compare_{key}", row.method, row.recipe, row.backbone, (),
+                         row.effective_batch,
+                         evaluations(setup, row.finetune_recipe if key in OWN_FINETUNE else COMPARE_FINETUNE,
+                                     COMPARE_LINEAR), ["--trainer.max_epochs", str(epochs)], seed)
+                for seed in check_seeds(seeds) for key, row in COMPARE_ROWS.items()]
+        budget = (f"ViT-B/16 at 224 px, each method's paper recipe and effective batch for {epochs} epochs (the token "
+                  f"methods with the VQ-KD tokenizer); one evaluation: k-NN, the logistic-regression probe, MAE's "
+                  f"linear-probe and fine-tuning recipes (SimMIM: its own fine-tuning recipe, which its relative "
+                  f"position bias needs)")
+    else:
+        runs = [demo_run(setup, store, demo, seed=seed) for seed in check_seeds(seeds) for demo in DEMO_ROWS.values()]
+        budget = (f"every method at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px (the SimMIM / SymMIM masks need an 8 x 8 "
+                  f"patch grid), its demo recipe with the same budget, data and evaluation; the same runs as the "
+                  f"papers' demo tables. Beyond Masking's de-colourisation has no row: Fashion-MNIST is grey")
+    return Plan("compare", "Every method under one budget, one backbone, one data pipeline and one evaluation",
+                setup, store / "compare", store, [preset_note(setup), seeds_note(seeds), budget], select(runs, rows))
+
+
+__all__ = ["codebook_path", "plan_compare", "plan_paper", "plan_run"]
