@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from lightning_mim.callbacks import MIMCheckpoint
+from lightning_mim.callbacks import MIMCheckpoint, RequeueAtStepBoundary
 from lightning_mim.reliability import AtomicCheckpointIO, RNGState, atomic_write
 
 RESULT_NAME = "result.json"
@@ -76,10 +77,14 @@ def resumable_trainer_arguments(folder: Path) -> dict[str, Any]:
     # beside a top-k one: this writes one file instead of two)
     checkpoint = MIMCheckpoint(dirpath=folder, filename=Path(LAST_NAME).stem, save_top_k=1, every_n_epochs=1,
                                save_on_train_epoch_end=True, enable_version_counter=False)
-    # default_root_dir: a SLURM job signalled before its time limit writes its hpc_ckpt_<n>.ckpt there, and
-    # Lightning resumes from it when the job is requeued
-    return {"callbacks": [checkpoint, RNGState()], "plugins": [AtomicCheckpointIO()], "enable_checkpointing": True,
-            "default_root_dir": str(folder)}
+    # default_root_dir: a SLURM job signalled before its time limit writes its hpc_ckpt_<n>.ckpt there at a step
+    # boundary (RequeueAtStepBoundary, as pre-training does; Lightning's own mid-step handler is switched off) and
+    # is requeued; the rerun resumes from it (`resume_path`)
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return {"callbacks": [checkpoint, RNGState(), RequeueAtStepBoundary()], "plugins": plugins,
+            "enable_checkpointing": True, "default_root_dir": str(folder)}
 
 
 def resume_path(folder: Path) -> Path | None:
