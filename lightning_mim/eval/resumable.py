@@ -17,7 +17,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lightning_mim.callbacks import MIMCheckpoint, RequeueAtStepBoundary
-from lightning_mim.reliability import AtomicCheckpointIO, RNGState, atomic_write
+from lightning_mim.reliability import AtomicCheckpointIO, ResumeLoaderPosition, RNGState, atomic_write
 
 RESULT_NAME = "result.json"
 LAST_NAME = "last.ckpt"
@@ -83,7 +83,7 @@ def resumable_trainer_arguments(folder: Path) -> dict[str, Any]:
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return {"callbacks": [checkpoint, RNGState(), RequeueAtStepBoundary()], "plugins": plugins,
+    return {"callbacks": [checkpoint, RNGState(), ResumeLoaderPosition(), RequeueAtStepBoundary()], "plugins": plugins,
             "enable_checkpointing": True, "default_root_dir": str(folder)}
 
 
