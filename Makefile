@@ -76,3 +76,27 @@ tensorboard: install
 
 clean:
 	rm -rf $(VENV) .data runs *.egg-info
+
+# The lowest declared versions (constraints-min.txt) in their own venv, and a fast subset of the tests: the backbone,
+# every method's step through a CLI fit, exact resume, webdataset shards, export and the linear probe
+# (docs/maintainers.md). `make test` stays on the tested set of constraints.txt.
+.PHONY: test-min
+VENV_MIN := .venv-min
+TEST_MIN := tests/test_backbone.py tests/test_eval_linear.py \
+	"tests/test_cli.py::test_fit_logs_common_tags_and_loss_decreases" \
+	"tests/test_lut.py::test_cli_fit_logs_the_shared_tags" \
+	"tests/reliability/test_resume.py::test_sigkill_then_resume_matches_straight_run[MAE]" \
+	"tests/reliability/test_resume.py::test_sigkill_then_resume_matches_straight_run[SymMIM]" \
+	"tests/reliability/test_resume.py::test_train_loader_resumes_mid_epoch_with_the_unseen_batches" \
+	"tests/test_data.py::test_shard_writer_round_trip" "tests/test_data.py::test_webdataset_loader_in_a_lightning_fit" \
+	"tests/test_eval_weights.py::test_export_round_trips_bit_exactly_into_timm"
+
+$(VENV_MIN)/.installed: pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/pip install --quiet -e '.[dev]' -c constraints-min.txt
+	touch $@
+
+test-min: $(VENV_MIN)/.installed
+	$(VENV_MIN)/bin/python -m pip list --format=freeze | grep -iE '^(torch|torchvision|timm|lightning|torchmetrics|jsonargparse|tensorboard|webdataset|torchdata|safetensors|numpy)=='
+	$(VENV_MIN)/bin/python -m pytest $(TEST_MIN)
