@@ -87,6 +87,7 @@ TEST_MIN := tests/test_backbone.py tests/test_eval_linear.py \
 	"tests/test_lut.py::test_cli_fit_logs_the_shared_tags" \
 	"tests/reliability/test_resume.py::test_sigkill_then_resume_matches_straight_run[MAE]" \
 	"tests/reliability/test_resume.py::test_sigkill_then_resume_matches_straight_run[SymMIM]" \
+	"tests/reliability/test_resume.py::test_sigkill_then_resume_matches_straight_run[LUT]" \
 	"tests/reliability/test_resume.py::test_train_loader_resumes_mid_epoch_with_the_unseen_batches" \
 	"tests/test_data.py::test_shard_writer_round_trip" "tests/test_data.py::test_webdataset_loader_in_a_lightning_fit" \
 	"tests/test_eval_weights.py::test_export_round_trips_bit_exactly_into_timm"
