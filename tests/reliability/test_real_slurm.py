@@ -34,6 +34,8 @@ MICRO = [
     "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "1",
 ]
 SIGNAL_AFTER = 4  # the signal is sent once 4 steps are done
+# generous: a job takes about a minute on an idle 2-core machine, several when other work shares the cores
+WAIT_S = 900
 
 
 def install_slurm() -> str | None:
@@ -171,19 +173,19 @@ def test_time_limit_signal_requeues_and_the_job_resumes_exactly(slurm, tmp_path)
 
     straight = submit(env, folder, "straight", [recorder("straight")])
     straight_log = folder / f"slurm-straight-{straight}.out"
-    wait_until(lambda: job_field(env, straight, "JobState") == "COMPLETED", 300, "the straight job's end",
+    wait_until(lambda: job_field(env, straight, "JobState") == "COMPLETED", WAIT_S, "the straight job's end",
                straight_log)
     ready = folder / "ready"
     requeued = submit(env, folder, "requeued", [recorder("requeued"), {"class_path": "helpers.Announce",
                                                                       "init_args": {"path": str(ready),
                                                                                     "step": SIGNAL_AFTER}}])
     log = folder / f"slurm-requeued-{requeued}.out"
-    wait_until(ready.exists, 300, f"step {SIGNAL_AFTER}", log)
+    wait_until(ready.exists, WAIT_S, f"step {SIGNAL_AFTER}", log)
     subprocess.run(["scancel", "--signal=USR1", requeued], env=env, check=True, timeout=60)
-    wait_until(lambda: job_field(env, requeued, "Restarts") == "1", 120, "the requeue", log)
+    wait_until(lambda: job_field(env, requeued, "Restarts") == "1", WAIT_S, "the requeue", log)
     # SLURM holds a requeued job for two minutes (BeginTime); a real time limit ends the job anyway
     subprocess.run(["scontrol", "update", f"JobId={requeued}", "StartTime=now"], env=env, timeout=60)
-    wait_until(lambda: job_field(env, requeued, "JobState") == "COMPLETED", 300, "the requeued job's end", log)
+    wait_until(lambda: job_field(env, requeued, "JobState") == "COMPLETED", WAIT_S, "the requeued job's end", log)
     output = log.read_text()
     print(f"real SLURM: straight job {straight}, requeued job {requeued}, {time.monotonic() - started:.0f} s")
     assert "Traceback" not in output, output[-4000:]
