@@ -1,8 +1,11 @@
 """Callbacks the subprocess runs of the reliability tests load by class path (`helpers.<Name>`)."""
 import os
 import signal
+import time
 
 import lightning as L
+
+from lightning_mim.callbacks import RequeueAtStepBoundary
 
 
 class LossRecorder(L.Callback):
@@ -56,14 +59,22 @@ class DieOnRank(L.Callback):
 
 
 class Announce(L.Callback):
-    """Creates the file `path` once `step` optimiser steps are done, so a test knows when to send a signal."""
+    """Creates the file `path` once `step` optimiser steps are done, so a test knows when to send a signal. With
+    `await_signal`, the run then waits (up to `timeout` s) until the signal has reached this process's
+    `RequeueAtStepBoundary`, so a slow delivery on a loaded machine cannot let the run finish first."""
 
-    def __init__(self, path: str, step: int) -> None:
-        self.path, self.step = path, step
+    def __init__(self, path: str, step: int, await_signal: bool = False, timeout: float = 600.0) -> None:
+        self.path, self.step, self.await_signal, self.timeout = path, step, await_signal, timeout
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            open(self.path, "w").close()
+        if trainer.global_step != self.step:
+            return
+        open(self.path, "w").close()
+        if self.await_signal:
+            requeue = next(callback for callback in trainer.callbacks if isinstance(callback, RequeueAtStepBoundary))
+            deadline = time.monotonic() + self.timeout
+            while requeue.received is None and time.monotonic() < deadline:
+                time.sleep(0.1)
 
 
 class PoisonOnRank(L.Callback):

@@ -178,7 +178,8 @@ def test_time_limit_signal_requeues_and_the_job_resumes_exactly(slurm, tmp_path)
     ready = folder / "ready"
     requeued = submit(env, folder, "requeued", [recorder("requeued"), {"class_path": "helpers.Announce",
                                                                       "init_args": {"path": str(ready),
-                                                                                    "step": SIGNAL_AFTER}}])
+                                                                                    "step": SIGNAL_AFTER,
+                                                                                    "await_signal": True}}])
     log = folder / f"slurm-requeued-{requeued}.out"
     wait_until(ready.exists, WAIT_S, f"step {SIGNAL_AFTER}", log)
     subprocess.run(["scancel", "--signal=USR1", requeued], env=env, check=True, timeout=60)
