@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from lightning_mim.eval import logreg
 from lightning_mim.eval.logreg import fit_logistic_regression, linear_probe, standardiser
 
 
@@ -115,3 +116,35 @@ def test_bad_arguments_name_the_fix() -> None:
         linear_probe(features, labels, features, labels, 2, holdout=1.0)
     with pytest.raises(ValueError, match="need features"):
         fit_logistic_regression(features, labels[:5], 2, 1e-3)
+
+
+def scripted_heldout(monkeypatch, accuracies: list[float]) -> None:
+    """The sweep's held-out top-1 values in order (then 50.0 for the final scoring): the sweep's rules on known
+    curves, whatever the fits."""
+    script = iter(accuracies)
+    monkeypatch.setattr(logreg, "_accuracy", lambda logits, labels, k: next(script, 50.0))
+
+
+def test_the_sweep_stops_after_two_falling_strengths(monkeypatch) -> None:
+    features, labels = blobs(100, 3, 2, 1.0, seed=8)
+    scripted_heldout(monkeypatch, [70.0, 80.0, 75.0, 74.0, 99.0])
+    result = linear_probe(features, labels, features, labels, 2, l2_grid=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
+    assert result["heldout_top1"] == {1e-4: 74.0, 1e-3: 75.0, 1e-2: 80.0, 1e-1: 70.0}  # 1e-5 never fitted
+    assert result["l2"] == 1e-2 and result["sweep"] == "held-out top-1 fell for 2 strengths"
+
+
+def test_a_best_weakest_strength_still_rising_warns(monkeypatch) -> None:
+    features, labels = blobs(100, 3, 2, 1.0, seed=8)
+    scripted_heldout(monkeypatch, [70.0, 80.0, 85.0])
+    with pytest.warns(UserWarning, match="still rising there: add weaker strengths"):
+        result = linear_probe(features, labels, features, labels, 2, l2_grid=(1e-3, 1e-2, 1e-1))
+    assert result["l2"] == 1e-3 and result["sweep"] == "rising at the grid end"
+
+
+def test_the_sweep_stops_where_a_weaker_penalty_no_longer_moves_the_fit() -> None:
+    # at this loose tolerance the 1e-6 solution already satisfies 1e-7 (0 iterations from it), so the sweep stops
+    # there and never fits 1e-8; 1e-2 -> 1e-6 is a real change of penalty and moves the fit
+    features, labels = blobs(200, 4, 2, 0.5, seed=9)
+    result = linear_probe(features, labels, features, labels, 2, l2_grid=(1e-8, 1e-7, 1e-6, 1e-2), tolerance=1e-2)
+    assert list(result["heldout_top1"]) == [1e-7, 1e-6, 1e-2]
+    assert result["sweep"] == "saturated at l2=1e-07"

@@ -65,10 +65,13 @@ def smoke_lut(tmp_path_factory):
 
 def test_smoke_preset_runs_the_paper_and_writes_its_table(smoke_lut):
     plan, printed, _ = smoke_lut
-    assert [run.key for run in plan.runs] == ["mae", "lut"]
+    assert [run.key for run in plan.runs] == ["mae", "lut", "mae_random_init", "lut_random_init", "pixels"]
     with (plan.store / "results.csv").open() as handle:
         evaluated = {(row["run"].split("/")[0], row["protocol"]): row["top1"] for row in csv.DictReader(handle)}
-    assert set(evaluated) == {(row, protocol) for row in ("mae", "lut") for protocol in ("knn", "linear")}
+    # the reference rows: each row's encoder at its seeded initialisation (its run's saved config) and the raw
+    # pixels, through the preset's frozen-feature protocol (smoke: k-NN)
+    assert set(evaluated) == {(row, protocol) for row in ("mae", "lut") for protocol in ("knn", "linear")} | {
+        ("random:mae", "knn"), ("random:lut", "knn"), ("pixels", "knn")}
 
     table = (plan.out / "table.md").read_text()
     assert "PRESET=smoke" in table and "NOT paper numbers" in table
@@ -78,6 +81,9 @@ def test_smoke_preset_runs_the_paper_and_writes_its_table(smoke_lut):
         assert float(cells[row]["linear top-1"]) == float(evaluated[(row, "linear")])
         assert cells[row]["fine-tune top-1"] == "not run"  # smoke runs no fine-tuning; the paper's numbers stay
         assert float(cells[row]["img/s (training step)"]) > 0
+    for row, name in (("mae_random_init", "random:mae"), ("lut_random_init", "random:lut"), ("pixels", "pixels")):
+        assert float(cells[row]["k-NN top-1"]) == float(evaluated[(name, "knn")])
+        assert cells[row]["linear top-1"] == "not run" and cells[row]["img/s (training step)"] == "-"
     assert cells["mae"]["k-NN top-1, paper"] == "unknown"
     assert cells["lut"]["linear top-1, paper"] == "ViT-S/16 unknown; ViT-B/16 unknown; ViT-L/16 unknown"
     # the paper's reported numbers, from lut.md section 4: MAE as LUT lists it, LUT's three backbones
@@ -85,14 +91,16 @@ def test_smoke_preset_runs_the_paper_and_writes_its_table(smoke_lut):
     assert cells["lut"]["fine-tune top-1, paper"] == "ViT-S/16 82.0; ViT-B/16 84.2; ViT-L/16 86.0"
     records = json.loads((plan.out / "table.json").read_text())["rows"]
     assert {(record["row"], record["protocol"], record["paper_backbone"], record["paper_top1"])
-            for record in records if record["protocol"] == "finetune"} == {
+            for record in records if record["protocol"] == "finetune" and record["paper_backbone"]} == {
         ("mae", "finetune", "ViT-B/16", 83.7), ("lut", "finetune", "ViT-S/16", 82.0),
         ("lut", "finetune", "ViT-B/16", 84.2), ("lut", "finetune", "ViT-L/16", 86.0)}
     with (plan.out / "table.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == len(records) == 3 * (1 + 3)
+        assert len(list(csv.DictReader(handle))) == len(records) == 3 * (1 + 3) + 3 * 3
+    claims = {record["claim"] for record in json.loads((plan.out / "table.json").read_text())["verdicts"]}
+    assert {"MAE pre-training > its random init", "LUT pre-training > its random init"} <= claims
 
     # TensorBoard: one run per row under <out>/<preset>/<row>/<fingerprint>, with the final metrics in the HParams tab
-    for run in plan.runs:
+    for run in plan.runs[:2]:
         summaries = {value.tag for events in run.run_dir.glob("events.out.tfevents.*")
                      for event in EventFileLoader(str(events)).Load() for value in event.summary.value}
         assert {"train/loss", "train/throughput_img_s", "reproduce/knn_top1", "reproduce/linear_top1",
@@ -131,10 +139,13 @@ def test_changed_configuration_reruns_only_what_it_changes(smoke_lut):
     plan, _, _ = smoke_lut
     out = plan.out.parents[1]
     state_before = (plan.store / "state.json").read_text()
+    references = ["mae_random_init/evaluate knn", "lut_random_init/evaluate knn", "pixels/evaluate knn"]
     assert dry_run(out, "--eval-args", "--k 10") == (
-        ["mae/evaluate knn,linear", "lut/evaluate knn,linear"], ["mae/pretrain", "lut/pretrain"])
+        ["mae/evaluate knn,linear", "lut/evaluate knn,linear", *references], ["mae/pretrain", "lut/pretrain"])
+    # a new pre-training: its evaluation and its random-init reference (the new run's config) run again, the
+    # pixels do not
     assert dry_run(out, "--fit-args", "--trainer.max_steps 7", "--rows", "lut") == (
-        ["lut/pretrain", "lut/evaluate knn,linear"], [])
+        ["lut/pretrain", "lut/evaluate knn,linear", "lut_random_init/evaluate knn"], ["pixels/evaluate knn"])
     changed = plan_paper(PAPERS["lut"], Setup("smoke", fit_args=("--trainer.max_steps", "7")), out).runs[1]
     assert changed.run_dir != plan.runs[1].run_dir  # a new run folder: the finished run stays as it is
     assert (plan.store / "state.json").read_text() == state_before  # dry runs write nothing
@@ -146,7 +157,8 @@ def test_failed_stage_stops_the_paper_with_its_log_and_keeps_finished_stages(smo
     with pytest.raises(SystemExit) as failure:
         quiet(reproduce, ["lut", "--preset", "smoke", "--out", str(out), "--fit-args", "--model.mask_ratio 1.5"])
     message = str(failure.value)
-    failed, not_started = plan_paper(PAPERS["lut"], Setup("smoke", fit_args=("--model.mask_ratio", "1.5")), out).runs
+    failed, not_started = plan_paper(PAPERS["lut"], Setup("smoke", fit_args=("--model.mask_ratio", "1.5")),
+                                     out).runs[:2]
     assert message.startswith("lightning-mim reproduce: stage mae/pretrain failed (exit 1); its log: ")
     log = Path(message.split("its log: ")[1].split(". ")[0])
     assert log.resolve() == failed.pretrain.log.resolve() and "mask_ratio" in log.read_text()
@@ -154,7 +166,7 @@ def test_failed_stage_stops_the_paper_with_its_log_and_keeps_finished_stages(smo
     assert state["mae/pretrain"][failed.pretrain.fingerprint]["status"] == "failed"
     assert not not_started.run_dir.exists() and "lut/pretrain" not in message  # the paper stopped at MAE
     for run in plan.runs:  # the finished stages are as they were
-        assert run.checkpoint.is_file()
+        assert run.reference is not None or run.checkpoint.is_file()
         assert all(state[stage.key][stage.fingerprint]["status"] == "done" for stage in run.stages)
 
 
@@ -209,7 +221,8 @@ def test_beyond_masking_dry_run_has_one_row_per_objective_at_batch_2048():
         assert (int(env["GPUS_PER_NODE"]) * int(env["NNODES"]) * batch * accumulation, batch) == (2048, 128)
         assert lr == pytest.approx(1.2e-3)  # 1.5e-4 x 2048 / 256
     plan = plan_paper(PAPERS["beyond_masking"], Setup("demo"), Path("runs"))
-    demo = {run.key: run for run in plan.runs}  # one demo row per objective but de-colourisation (grey data)
+    demo = {run.key: run for run in plan.runs if run.reference is None}  # one demo row per objective but
+    # de-colourisation (grey data)
     assert list(demo) == [f"bm_{objective}" for objective in (
         "zoom_in_masking", "masking", "zoom_in", "zoom_out", "distortion", "blur")]
     assert [paper_cell(run, "finetune") for run in demo.values()] == ["83.2", "82.9", "82.7", "82.5", "82.1", "81.8"]
@@ -238,8 +251,9 @@ def test_webdataset_data_and_bad_input(tmp_path):
     fit = next(words for words in commands if any(word.endswith("torchrun_pretrain.sh") for word in words))
     assert fit[fit.index("--data.train_shards") + 1] == train and fit[fit.index("--data.val_shards") + 1] == val
     assert any(word.endswith("configs/data/imagenet_wds.yaml") for word in fit)
-    evaluate = [words for words in commands if "evaluate" in words]
-    assert len(evaluate) == 2 and all(words[words.index("--train-shards") + 1] == train for words in evaluate)
+    evaluate = [words for words in commands if "evaluate" in words]  # k-NN + logreg, fine-tuning, random init
+    assert len(evaluate) == 3 and all(words[words.index("--train-shards") + 1] == train for words in evaluate)
+    assert evaluate[2][evaluate[2].index("--ckpt") + 1].startswith("random:")
     assert not (tmp_path / "runs").exists()
 
     def error(*words: str) -> str:
@@ -261,17 +275,19 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
     _, printed = quiet(cli_main, ["compare", "--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
     assert re.findall(r"^\[dry run\] (\w+)/pretrain", printed, re.MULTILINE) == COMPARED
     plan, _ = quiet(compare, ["--preset", "smoke", "--out", str(tmp_path), "--dry-run"])
-    assert [run.method for run in plan.runs] == [
+    assert [run.method for run in plan.runs if run.reference is None] == [
         "MAE", "SimMIM", "LUT", "SymMIM", "BEiT", "MaPeT", *["BeyondMasking"] * 6]
+    assert [run.key for run in plan.runs if run.reference] == [f"{key}_random_init" for key in COMPARED] + ["pixels"]
+    methods = [run for run in plan.runs if run.reference is None]
     # after each method's recipe, the same arguments (budget, data, evaluation-free training settings) for all
     after_recipe = {tuple(command[len(command) - command[::-1].index("--config") + 1:
                                   command.index("--model.backbone.img_size")])
-                    for command in (run.pretrain.command for run in plan.runs)}
+                    for command in (run.pretrain.command for run in methods)}
     assert len(after_recipe) == 1 and "--trainer.max_steps" in next(iter(after_recipe))
     assert len({tuple(run.stages[-1].command[run.stages[-1].command.index("--protocols"):])
-                for run in plan.runs}) == 1
+                for run in methods}) == 1
     assert all(run.pretrain.command[run.pretrain.command.index("--model.backbone.img_size") + 1] == "32"
-               for run in plan.runs)
+               for run in methods)
     # a run that a paper's table and compare both hold is one run: same stages, same folder
     demo_compare = {run.key: run for run in plan_compare(Setup("demo"), tmp_path).runs}
     for paper in PAPERS.values():
@@ -279,7 +295,7 @@ def test_compare_runs_every_method_at_one_image_size_and_plots_cost_against_accu
             assert [(stage.key, stage.fingerprint) for stage in run.stages] == [
                 (stage.key, stage.fingerprint) for stage in demo_compare[run.key].stages]
             assert run.run_dir == demo_compare[run.key].run_dir
-    paper_scale = plan_compare(Setup("paper", "/data/imagenet"), tmp_path).runs
+    paper_scale = [run for run in plan_compare(Setup("paper", "/data/imagenet"), tmp_path).runs if not run.reference]
     recipes = [[Path(words[index + 1]) for index, word in enumerate(words) if word == "--config"][-1]
                for words in (run.pretrain.command for run in paper_scale)]
     assert [f"{recipe.parent.name}/{recipe.stem}" for recipe in recipes] == [
@@ -320,7 +336,8 @@ def test_jobs_run_rows_at_once_and_a_shared_stage_once(tmp_path, monkeypatch):
     quiet(driver.run_plan, plan, False, 2)
     keys = [key for key, _ in executed]
     assert keys.count("tokenizer/fmnist_pixels_4_32_512") == 1 and keys[0] == "tokenizer/fmnist_pixels_4_32_512"
-    assert sorted(keys[1:]) == sorted(stage.key for run in plan.runs for stage in run.stages[1:])
+    assert sorted(keys[1:]) == sorted(stage.key for run in plan.runs for stage in run.stages
+                                      if not stage.key.startswith("tokenizer/"))
     assert {threads for _, threads in executed} == {"4"}
     state = driver.State(plan.store / "state.json")
     assert all(state.done(stage.key, stage.fingerprint) for run in plan.runs for stage in run.stages)
@@ -344,7 +361,7 @@ def test_mapet_dry_run_runs_every_row_at_batch_2048_and_fits_the_demo_codebook_f
     for words in torchrun:
         batch, accumulation, lr = fit_layout(words)
         assert (8 * batch * accumulation, batch, lr) == (2048, 256, pytest.approx(1.5e-3))  # absolute lr, no scaling
-    demo = plan_paper(PAPERS["mapet"], Setup("demo"), Path("runs")).runs
+    demo = [run for run in plan_paper(PAPERS["mapet"], Setup("demo"), Path("runs")).runs if run.reference is None]
     assert [run.key for run in demo] == ["beit", "mapet"]
     for run in demo:  # the shared codebook is fitted before the pre-training that reads it
         fit, pretrain = run.stages[0], run.pretrain

@@ -15,7 +15,7 @@ from lightning_mim.reproduce.driver import main as reproduce, plan_compare, plan
 from lightning_mim.reproduce.papers import PAPERS
 from lightning_mim.reproduce.plan import Plan
 from lightning_mim.reproduce.plot import compare_figure, plot_compare
-from lightning_mim.reproduce.presets import Setup
+from lightning_mim.reproduce.presets import Setup, shown
 from lightning_mim.reproduce.results import RowResult, RunResult, by_row
 from lightning_mim.reproduce.tables import write_tables
 from lightning_mim.reproduce.verdicts import claims_of
@@ -29,21 +29,27 @@ def test_each_seed_is_its_own_run_and_seed_zero_is_the_single_seed_run(tmp_path)
     single = plan_paper(PAPERS["mapet"], Setup("smoke"), tmp_path)
     seeded = plan_paper(PAPERS["mapet"], Setup("smoke"), tmp_path, seeds=3)
     assert [(run.key, run.seed) for run in seeded.runs] == [
-        (key, seed) for seed in range(3) for key in ("beit", "mapet")]  # every row at seed 0 first
+        (key, seed) for seed in range(3) for key in ("beit", "mapet")] + [  # every row at seed 0 first
+        (key, seed) for seed in range(3) for key in ("beit_random_init", "mapet_random_init")] + [
+        ("pixels", seed) for seed in range(3)]  # then the reference rows (after the runs whose config they read)
     for run, same in zip(seeded.runs[:2], single.runs):  # seed 0: the same stages, keys and folder as SEEDS=1
         assert [(stage.key, stage.fingerprint, stage.command) for stage in run.stages] == [
             (stage.key, stage.fingerprint, stage.command) for stage in same.stages]
         assert run.run_dir == same.run_dir and option(run.pretrain.command, "--seed_everything") is None
-    for run in seeded.runs[2:]:
+    for run in seeded.runs[2:6]:
         fit, evaluate = run.pretrain.command, run.stages[-1].command
         assert (option(fit, "--seed_everything"), option(evaluate, "--seed")) == (str(run.seed), str(run.seed))
         assert [stage.key for stage in run.stages[1:]] == [
             f"{run.key}/seed{run.seed}/pretrain", f"{run.key}/seed{run.seed}/evaluate knn,linear"]
         assert run.stages[0].key == "tokenizer/fmnist_pixels_4_32_512"  # the codebook: one stage for every seed
-    assert len({run.run_dir for run in seeded.runs}) == 6
-    assert len({stage.fingerprint for run in seeded.runs for stage in run.stages[1:]}) == 12
-    assert len({run.stages[0].fingerprint for run in seeded.runs}) == 1
-    compare = plan_compare(Setup("paper", "/data/imagenet"), tmp_path, ["compare_mae"], seeds=2).runs
+    pretrained = seeded.runs[:6]
+    assert len({run.run_dir for run in pretrained}) == 6
+    assert len({stage.fingerprint for run in pretrained for stage in run.stages[1:]}) == 12
+    assert len({run.stages[0].fingerprint for run in pretrained}) == 1
+    for run in seeded.runs[6:12]:  # each seed's random init: the config its pre-training saved, at that seed
+        assert option(run.stages[0].command, "--ckpt") == f"random:{shown(run.run_dir / 'config.yaml')}"
+        assert option(run.stages[0].command, "--seed") == (str(run.seed) if run.seed else None)
+    compare = plan_compare(Setup("paper", "/data/imagenet"), tmp_path, ["compare_mae"], seeds=2).runs[:2]
     assert [option(run.pretrain.command, "--seed_everything") for run in compare] == [None, "1"]
     with pytest.raises(SystemExit, match="SEEDS must be at least 1, got 0"):
         reproduce(["lut", "--preset", "smoke", "--seeds", "0", "--dry-run", "--out", str(tmp_path)])
@@ -51,7 +57,7 @@ def test_each_seed_is_its_own_run_and_seed_zero_is_the_single_seed_run(tmp_path)
 
 def results(plan: Plan, top1: dict[str, dict[str, list[float]]]) -> list[RowResult]:
     """Hand-made results: top1[row][protocol] lists the seeds' values (fewer values: the later seeds lack it)."""
-    made = [RunResult(run, {protocol: values[run.seed] for protocol, values in top1[run.key].items()
+    made = [RunResult(run, {protocol: values[run.seed] for protocol, values in top1.get(run.key, {}).items()
                             if run.seed < len(values)}, 100.0 + run.seed, 0.5 + run.seed) for run in plan.runs]
     return by_row(made)
 
@@ -76,9 +82,15 @@ def test_tables_give_mean_std_n_and_each_claims_verdict(tmp_path):
         "72.00", "2.00", "3", "83.7"]
     assert (mae["img/s (training step)"], mae["pre-train wall-clock h"]) == ("101", "1.500")  # means over seeds
     assert "SEEDS=3: every row pre-trained and evaluated with seeds 0..2" in table
-    verdicts = {row["protocol"]: row for row in json.loads((plan.out / "table.json").read_text())["verdicts"]}
+    records = json.loads((plan.out / "table.json").read_text())["verdicts"]
+    verdicts = {row["protocol"]: row for row in records if row["claim"] == "LUT > MAE"}
     assert {protocol: record["verdict"] for protocol, record in verdicts.items()} == {
         "knn": "holds", "logreg": "within noise", "finetune": "not run"}
+    # did pre-training help: each row against its random init (no results here for the random-init rows)
+    assert {(row["claim"], row["better_row"], row["worse_row"], row["verdict"]) for row in records
+            if row["claim"] != "LUT > MAE" and row["protocol"] == "knn"} == {
+        ("MAE pre-training > its random init", "mae", "mae_random_init", "no result"),
+        ("LUT pre-training > its random init", "lut", "lut_random_init", "no result")}
     knn = verdicts["knn"]
     assert (knn["claim"], knn["better_row"], knn["worse_row"], knn["better_n"], knn["worse_n"]) == (
         "LUT > MAE", "lut", "mae", 3, 3)
@@ -98,7 +110,7 @@ def test_tables_give_mean_std_n_and_each_claims_verdict(tmp_path):
     names = ("logistic regression top-1", "logistic regression std", "logistic regression n", "k-NN top-1", "k-NN n")
     assert [mae[name] for name in names] == ["51.00", "-", "1", "missing", "0"]
     records = json.loads((plan.out / "table.json").read_text())["verdicts"]
-    verdicts = {record["protocol"]: record["verdict"] for record in records}
+    verdicts = {record["protocol"]: record["verdict"] for record in records if record["claim"] == "LUT > MAE"}
     assert verdicts == {"knn": "no result", "logreg": "n = 1, no verdict", "finetune": "not run"}
 
 
@@ -135,15 +147,17 @@ def test_claims_per_paper_and_scale(tmp_path):
 def test_compare_plot_labels_do_not_overlap(tmp_path):
     plan = plan_compare(Setup("demo"), tmp_path, seeds=3)
     rows = results(plan, {run.key: {protocol: [40.0 + index, 41.0 + index, 42.0 + index]
-                                    for protocol in ("knn", "linear", "finetune")}
-                          for index, run in enumerate(plan.runs[:12])})
+                                    for protocol in ("knn", "logreg")}
+                          for index, run in enumerate(plan.runs)})
     figure = compare_figure(plan, rows)
     figure.canvas.draw()  # lays out the legends
     renderer = figure.canvas.get_renderer()
     found = figure.findobj(lambda artist: isinstance(artist, Text) and artist.get_visible() and artist.get_text())
     texts = list({id(text): text for text in found}.values())  # findobj meets a legend's texts more than once
     labels = {text.get_text() for text in texts}
-    assert {f"{row.run.key} (n = 3)" for row in rows} <= labels and "k-NN top-1" in labels
+    assert {f"{row.run.key} (n = 3)" for row in rows if row.run.reference is None} <= labels
+    assert {"k-NN top-1", "raw pixels, k-NN", "raw pixels, logistic regression",
+            "hollow: the row's encoder at random init"} <= labels
     assert any("PRESET=demo, n = 3 seeds per row" in label for label in labels)
     boxes = [text.get_window_extent(renderer) for text in texts]
     overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes))

@@ -54,9 +54,15 @@ def random_encoder(recipe: Path, workdir: Path) -> Encoder:
     cli = run_cli(["--config", yaml.safe_dump(config), "--trainer.logger", "false"], run=False)
     model = cli.model
     path = save_encoder(model.backbone.state_dict(), model.backbone_config, workdir / "random_init.safetensors")
-    run = f"{recipe.parent.parent.name}/{recipe.parent.name}" if recipe.name == SAVED_CONFIG_NAME else recipe.stem
-    return Encoder(path, model.backbone_config, f"random:{run}", type(model).__name__,
+    return Encoder(path, model.backbone_config, random_run_name(recipe), type(model).__name__,
                    config_hash(dict(model.hparams)))
+
+
+def random_run_name(recipe: Path) -> str:
+    """The `run` of a random initialisation's rows: `random:<recipe stem>`, or `random:<name>/<version>` for the
+    config.yaml of a run folder."""
+    run = f"{recipe.parent.parent.name}/{recipe.parent.name}" if recipe.name == SAVED_CONFIG_NAME else recipe.stem
+    return f"random:{run}"
 
 
 def resolve_encoder(spec: str, workdir: Path, backbone: BackboneConfig | None = None) -> Encoder:
@@ -91,4 +97,5 @@ def row_identity(encoder: Encoder | None) -> dict[str, str]:
     return {"run": encoder.run, "method": encoder.method, "config_hash": encoder.config_hash}
 
 
-__all__ = ["Encoder", "SAVED_CONFIG_NAME", "random_encoder", "resolve_encoder", "row_identity", "run_name"]
+__all__ = ["Encoder", "SAVED_CONFIG_NAME", "random_encoder", "random_run_name", "resolve_encoder", "row_identity",
+           "run_name"]

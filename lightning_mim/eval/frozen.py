@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lightning_mim.eval.features import FrozenFeatures
 from lightning_mim.eval.knn import knn_accuracy
-from lightning_mim.eval.logreg import DEFAULT_L2_GRID, linear_probe
+from lightning_mim.eval.logreg import DEFAULT_L2_GRID, DEFAULT_MAX_ITER, linear_probe
 
 FROZEN_PROTOCOLS = ("knn", "logreg")  # the protocols that also take the pixel pseudo encoder
 
@@ -38,7 +38,8 @@ def add_frozen_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(f'{l2:g}' for l2 in DEFAULT_L2_GRID)})")
     parser.add_argument("--logreg-holdout", type=float, default=0.1,
                         help="logreg: fraction of the training split held out to choose the L2 strength")
-    parser.add_argument("--logreg-max-iter", type=int, default=1000, help="logreg: L-BFGS iteration cap per fit")
+    parser.add_argument("--logreg-max-iter", type=int, default=DEFAULT_MAX_ITER,
+                        help=f"logreg: L-BFGS iteration cap per fit (default {DEFAULT_MAX_ITER})")
 
 
 def run_frozen(protocol: str, features: FrozenFeatures, options: argparse.Namespace) -> dict[str, Any]:
@@ -64,7 +65,8 @@ def append_logreg_details(results_dir: Path, row: dict[str, Any], metrics: dict[
     top-1 per strength and how the final fit stopped."""
     details = {key: row[key] for key in ("run", "method", "config_hash", "timestamp")} | {
         "l2": metrics["l2"], "heldout_top1": {f"{l2:g}": top1 for l2, top1 in metrics["heldout_top1"].items()},
-        "iterations": metrics["iterations"], "stop": metrics["stop"], "gradient": metrics["gradient"]}
+        "sweep": metrics["sweep"], "iterations": metrics["iterations"], "stop": metrics["stop"],
+        "gradient": metrics["gradient"]}
     results_dir.mkdir(parents=True, exist_ok=True)
     with (results_dir / "logreg.jsonl").open("a") as handle:
         handle.write(json.dumps(details) + "\n")

@@ -136,12 +136,14 @@ def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
                     return
                 say(f"    {stage.key} done in {seconds:.0f} s")
 
-    if jobs == 1 or dry_run:
-        for run in plan.runs:
-            run_row(run)
-    else:
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(run_row, plan.runs))
+    # the reference rows after the pre-trained ones: a random-init row reads the config its pre-training saved
+    for phase in ([run for run in plan.runs if run.reference is None], [run for run in plan.runs if run.reference]):
+        if jobs == 1 or dry_run:
+            for run in phase:
+                run_row(run)
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(run_row, phase))
     if failures:
         stage, returncode, failure = failures[0]
         if failure is not None:

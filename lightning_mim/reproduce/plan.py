@@ -6,9 +6,10 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_mim.eval.encoders import random_run_name, run_name
 from lightning_mim.eval.evaluate import PROTOCOLS
 from lightning_mim.reproduce.papers import Row
-from lightning_mim.reproduce.presets import ReproduceError, Setup
+from lightning_mim.reproduce.presets import ReproduceError, Setup, shown
 
 
 def seed_label(key: str, seed: int) -> str:
@@ -61,18 +62,35 @@ class PlannedRun:
     protocols: tuple[str, ...]
     stages: list[Stage]
     seed: int = 0  # pre-training's seed_everything and evaluate's --seed
+    # A reference row (no pre-training of its own): what its evaluations score, as evaluate's --ckpt takes it
+    # (`pixels`, `random:<a run's config.yaml>`); None for a pre-trained row.
+    reference: str | None = None
 
     @property
     def label(self) -> str:
         return seed_label(self.key, self.seed)
 
     @property
-    def pretrain(self) -> Stage:
-        return next(stage for stage in self.stages if stage.key.endswith("/pretrain"))
+    def pretrain(self) -> Stage | None:
+        return next((stage for stage in self.stages if stage.key.endswith("/pretrain")), None)
 
     @property
     def checkpoint(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def evaluated(self) -> str:
+        """What its evaluate stages score: the checkpoint, or the reference's --ckpt value."""
+        return shown(self.checkpoint) if self.reference is None else self.reference
+
+    @property
+    def results_name(self) -> str:
+        """The `run` of its rows in results.csv."""
+        if self.reference is None:
+            return run_name(self.checkpoint)
+        if self.reference.startswith("random:"):
+            return random_run_name(Path(self.reference[len("random:"):]))
+        return self.reference
 
 
 @dataclass
@@ -86,7 +104,7 @@ class Plan:
     out: Path
     store: Path
     notes: list[str]
-    runs: list[PlannedRun]
+    runs: list[PlannedRun]  # the pre-trained rows, then the reference rows (which may read their folders)
 
     @property
     def protocols(self) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_mim.eval.frozen import FROZEN_PROTOCOLS
 from lightning_mim.reproduce.papers import (
     COMPARE_ROWS, DEMO_CODEBOOK, DEMO_IMG_SIZE, DEMO_ROWS, DemoRow, Paper, Row,
 )
@@ -100,6 +101,64 @@ def demo_backbone(setup: Setup) -> str:
     return f"ViT micro/4, {DEMO_IMG_SIZE} px, {'synthetic' if setup.preset == 'smoke' else 'Fashion-MNIST'}"
 
 
+def frozen_spec(specs: list[EvalSpec]) -> EvalSpec | None:
+    """The reference rows' evaluation: the frozen-feature protocols (k-NN, logistic regression) of the first spec
+    that has any, with its arguments; None when the preset evaluates none."""
+    for spec in specs:
+        protocols = [protocol for protocol in spec.protocols.split(",") if protocol in FROZEN_PROTOCOLS]
+        if protocols:
+            return EvalSpec(",".join(protocols), spec.args)
+    return None
+
+
+def reference_stage(setup: Setup, store: Path, label: str, ckpt: str, spec: EvalSpec, log: Path, seed: int,
+                    upstream: tuple[str, ...] = (), after: str | None = None) -> Stage:
+    words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args, *(("--seed", str(seed)) if seed else ())]
+    command = cli_command("evaluate", "--ckpt", ckpt, "--results", shown(store), *words)
+    if setup.slurm:
+        command = sbatch_wrap(command, 1, log, f"{label.replace('/', '-')}-evaluate", setup.cpus_per_gpu)
+    return Stage(f"{label}/evaluate {spec.protocols}", command, fingerprint([ckpt, *words], *upstream), log,
+                 after=after)
+
+
+def reference_runs(setup: Setup, store: Path, runs: list[PlannedRun], spec: EvalSpec | None) -> list[PlannedRun]:
+    """The rows that say whether pre-training helped, evaluated like the pre-trained rows (`spec`: k-NN and the
+    logistic-regression probe): each pre-trained row's encoder at its random initialisation (the run's own saved
+    config, so its seed, size and recipe; `random:` reads it after the pre-training wrote it), and the raw pixels
+    at each seed of the table (not at paper scale: 150,528-dimensional features of 1.28 M images)."""
+    if spec is None:
+        return []
+    references = []
+    for run in runs:
+        key, config_path = f"{run.key}_random_init", run.run_dir / "config.yaml"
+        ckpt = f"random:{shown(config_path)}"
+        log = run.run_dir / f"evaluate-random-init-{spec.protocols.replace(',', '+')}.log"
+        # a run's config records no data source: --adapt-images sizes the data as the pre-training did
+        adapted = spec if "--adapt-images" in spec.args else EvalSpec(spec.protocols, (*spec.args, "--adapt-images"))
+        stage = reference_stage(setup, store, seed_label(key, run.seed), ckpt, adapted, log, run.seed,
+                                (run.pretrain.fingerprint,), run.pretrain.key)
+        references.append(PlannedRun(key, f"{run.method} at random init", run.backbone, (), run.run_dir,
+                                     "the pre-training recipe's seeded initialisation, not trained", 1,
+                                     tuple(spec.protocols.split(",")), [stage], run.seed, ckpt))
+    if setup.preset != "paper":
+        folder = store / "pixels"
+        for seed in sorted({run.seed for run in runs}):
+            log = folder / f"evaluate-{spec.protocols.replace(',', '+')}-seed{seed}.log"
+            stage = reference_stage(setup, store, seed_label("pixels", seed), "pixels", spec, log, seed)
+            references.append(PlannedRun("pixels", "raw pixels", "the normalised images, flattened", (), folder,
+                                         "no encoder", 1, tuple(spec.protocols.split(",")), [stage], seed, "pixels"))
+    return references
+
+
+def references_notes(setup: Setup, spec: EvalSpec | None) -> list[str]:
+    if spec is None:
+        return []
+    pixels = ("raw pixels: not at paper scale (150,528-dimensional features of 1.28 M images)"
+              if setup.preset == "paper" else "pixels: the same protocols on the normalised images, flattened")
+    return [f"Reference rows ({spec.protocols}): <row>_random_init: the row's encoder at its seeded random "
+            f"initialisation (the same recipe, not trained); {pixels}."]
+
+
 def select(runs: list[PlannedRun], rows: Sequence[str] | None) -> list[PlannedRun]:
     if not rows:
         return runs
@@ -142,7 +201,10 @@ def plan_paper(paper: Paper, setup: Setup, out_root: Path, rows: Sequence[str] |
         notes += [f"{row.key}: no demo row: Fashion-MNIST is grey, and {row.backbone} needs colour input"
                   for row in paper.rows if row.demo_key not in DEMO_ROWS]
     notes += [f"{row.key}: {row.note}" for row in paper.rows if row.note]
-    return Plan(paper.key, paper.title, setup, store / paper.key, store, notes, select(runs, rows))
+    runs = select(runs, rows)
+    spec = frozen_spec(evaluations(setup, None))
+    return Plan(paper.key, paper.title, setup, store / paper.key, store, notes + references_notes(setup, spec),
+                runs + reference_runs(setup, store, runs, spec))
 
 
 def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None, epochs: int = 800,
@@ -165,8 +227,12 @@ def plan_compare(setup: Setup, out_root: Path, rows: Sequence[str] | None = None
         budget = (f"every method at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px (the SimMIM / SymMIM masks need an 8 x 8 "
                   f"patch grid), its demo recipe with the same budget, data and evaluation; the same runs as the "
                   f"papers' demo tables. Beyond Masking's de-colourisation has no row: Fashion-MNIST is grey")
+    runs = select(runs, rows)
+    spec = frozen_spec(evaluations(setup, None))
     return Plan("compare", "Every method under one budget, one backbone, one data pipeline and one evaluation",
-                setup, store / "compare", store, [preset_note(setup), seeds_note(seeds), budget], select(runs, rows))
+                setup, store / "compare", store, [preset_note(setup), seeds_note(seeds), budget,
+                                                  *references_notes(setup, spec)],
+                runs + reference_runs(setup, store, runs, spec))
 
 
 __all__ = ["codebook_path", "plan_compare", "plan_paper", "plan_run"]

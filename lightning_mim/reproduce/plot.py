@@ -1,6 +1,7 @@
 """`compare.png`: each row's mean top-1 against its mean pre-training wall-clock, one colour per row and one marker per
 protocol, error bars of one sample standard deviation over the seeds, both legends outside the axes (no label sits
-among the points, so none overlaps another), the preset and the seeds per row in the title."""
+among the points, so none overlaps another), the preset and the seeds per row in the title. The reference rows: the
+row's encoder at random initialisation as a hollow marker under it, the raw pixels as grey horizontal lines."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,7 @@ EXTRA_COLOURS = ("black", "#ffe119")
 
 
 def seeds_title(rows: list[RowResult]) -> str:
+    rows = [row for row in rows if row.run.reference is None] or rows
     counts = sorted({len(row.seeds) for row in rows})
     n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     return f"n = {n} seed{'s' if counts[-1] > 1 else ''} per row"
@@ -34,7 +36,10 @@ def compare_figure(plan: Plan, rows: list[RowResult]) -> Figure:
     colours = [*plt.get_cmap("tab10").colors, *EXTRA_COLOURS]
     figure, axes = plt.subplots(figsize=(10, 5))
     row_handles, protocol_handles = [], {}
-    for index, row in enumerate(rows):
+    pretrained = [row for row in rows if row.run.reference is None]
+    random_init = {row.run.key.removesuffix("_random_init"): row for row in rows
+                   if row.run.reference is not None and row.run.key.endswith("_random_init")}
+    for index, row in enumerate(pretrained):
         colour = colours[index % len(colours)]
         hours_std = summarize([result.hours for result in row.seeds]).std
         for protocol, marker in zip(plan.protocols, MARKERS):
@@ -43,11 +48,26 @@ def compare_figure(plan: Plan, rows: list[RowResult]) -> Figure:
                 continue
             axes.errorbar(row.hours, summary.mean, yerr=summary.std, xerr=hours_std, fmt=marker, color=colour,
                           markersize=7, capsize=3, elinewidth=1, markeredgecolor="black", markeredgewidth=0.5)
+            initial = random_init[row.run.key].summary(protocol) if row.run.key in random_init else None
+            if initial is not None and initial.mean is not None:  # the same encoder untrained: a hollow marker
+                axes.errorbar(row.hours, initial.mean, yerr=initial.std, fmt=marker, color=colour, markersize=7,
+                              capsize=3, elinewidth=1, markerfacecolor="none", markeredgewidth=1.2)
             protocol_handles[protocol] = Line2D([], [], linestyle="", marker=marker, color="grey",
                                                 markeredgecolor="black", markeredgewidth=0.5, markersize=7,
                                                 label=f"{PROTOCOL_NAMES[protocol]} top-1")
         row_handles.append(Line2D([], [], linestyle="", marker="s", color=colour, markersize=8,
                                   label=f"{row.run.key} (n = {len(row.seeds)})"))
+    for row in rows:
+        if row.run.reference == "pixels":
+            for protocol, style in zip(plan.protocols, ("--", ":", "-.", (0, (1, 3)))):
+                summary = row.summary(protocol)
+                if summary.mean is not None:
+                    axes.axhline(summary.mean, color="grey", linestyle=style, linewidth=1)
+                    row_handles.append(Line2D([], [], color="grey", linestyle=style,
+                                              label=f"raw pixels, {PROTOCOL_NAMES[protocol]}"))
+    if random_init:
+        row_handles.append(Line2D([], [], linestyle="", marker="o", color="grey", markerfacecolor="none",
+                                  markersize=7, label="hollow: the row's encoder at random init"))
     devices = plan.runs[0].devices
     axes.set_xlabel(f"pre-training wall-clock hours, mean over seeds ({devices} "
                     f"{'GPU' if plan.setup.preset == 'paper' else 'CPU'} process{'es' if devices > 1 else ''})")

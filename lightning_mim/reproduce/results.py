@@ -8,7 +8,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_mim.eval.encoders import run_name
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.stats import Summary, summarize
@@ -24,13 +23,13 @@ class RunResult:
     run: PlannedRun
     top1: dict[str, float]  # protocol -> this run's top-1 (%)
     img_per_s: float | None  # mean of the training step's logged throughput (all devices)
-    hours: float  # wall-clock of the pre-training's attempts
+    hours: float | None  # wall-clock of the pre-training's attempts (None: a reference row)
 
     def metrics(self) -> dict[str, float]:
         values = {f"reproduce/{protocol}_top1": value for protocol, value in self.top1.items()}
         if self.img_per_s is not None:
             values["reproduce/img_per_s"] = self.img_per_s
-        return values | {"reproduce/pretrain_hours": self.hours}
+        return values if self.hours is None else values | {"reproduce/pretrain_hours": self.hours}
 
 
 @dataclass
@@ -64,8 +63,9 @@ class RowResult:
         return statistics.fmean(logged) if logged else None
 
     @property
-    def hours(self) -> float:
-        return statistics.fmean(result.hours for result in self.seeds)
+    def hours(self) -> float | None:
+        logged = [result.hours for result in self.seeds if result.hours is not None]
+        return statistics.fmean(logged) if logged else None
 
 
 def mean_scalar(run_dir: Path, tag: str) -> float | None:
@@ -84,10 +84,12 @@ def collect(plan: Plan, state: State) -> list[RunResult]:
         rows = list(csv.DictReader(handle))
     results = []
     for run in plan.runs:
-        name = run_name(run.checkpoint)
+        name = run.results_name
         top1 = {row["protocol"]: float(row["top1"]) for row in rows if row["run"] == name}
+        pretrained = run.reference is None
         results.append(RunResult(run, {protocol: top1[protocol] for protocol in run.protocols if protocol in top1},
-                                 mean_scalar(run.run_dir, THROUGHPUT_TAG), state.seconds(run.pretrain) / 3600))
+                                 mean_scalar(run.run_dir, THROUGHPUT_TAG) if pretrained else None,
+                                 state.seconds(run.pretrain) / 3600 if pretrained else None))
     return results
 
 

@@ -31,6 +31,8 @@ def cell(value: float | str, digits: int) -> str:
 def paper_cell(run: PlannedRun, protocol: str) -> str:
     """The paper's number(s) beside a run: one value for a paper-scale row, each backbone's for a demo row."""
     values = [(row.backbone, cell(row.reported.get(protocol, "unknown"), 1)) for row in run.references]
+    if not values:  # a reference row
+        return "-"
     if len(values) == 1:
         return values[0][1]
     return "; ".join(f"{backbone} {value}" for backbone, value in values)
@@ -45,6 +47,8 @@ COST_HEADER = ["img/s (training step)", "pre-train wall-clock h", "devices"]
 
 
 def cost_cells(row: RowResult) -> list[str]:
+    if row.run.reference is not None:
+        return ["-", "-", "-"]
     img_per_s = row.img_per_s if row.img_per_s is not None else "not logged"
     return [cell(img_per_s, 0), f"{row.hours:.3f}", str(row.run.devices)]
 
@@ -88,11 +92,12 @@ def table_records(plan: Plan, rows: list[RowResult], with_paper: bool) -> list[d
                   "this_run": row.run.backbone}
         cost = {"img_per_s": row.img_per_s, "pretrain_hours": row.hours, "devices": row.run.devices,
                 "seeds": [result.run.seed for result in row.seeds],
-                "checkpoints": [shown(result.run.checkpoint) for result in row.seeds]}
+                "checkpoints": [result.run.evaluated for result in row.seeds]}
         for protocol in plan.protocols:
             references = row.run.references if with_paper else ()
             for reference in references or [None]:
-                paper = {} if reference is None else {
+                paper = {} if not with_paper else {
+                    "paper_backbone": None, "paper_top1": None, "paper_source": None} if reference is None else {
                     "paper_backbone": reference.backbone, "paper_top1": reference.reported.get(protocol, "unknown"),
                     "paper_source": reference.source}
                 records.append(common | {"protocol": protocol} | top1_fields(row.top1_of(protocol), row, protocol)
@@ -128,6 +133,8 @@ def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     for result in results:
+        if result.run.reference is not None:
+            continue
         run, metrics = result.run, result.metrics()
         key = f"{run.label}/hparams"
         metrics_fingerprint = fingerprint([json.dumps(metrics, sort_keys=True)], run.pretrain.fingerprint)

@@ -75,14 +75,23 @@ def side(row: RowResult | None, protocol: str) -> Summary | str:
     return row.summary(protocol)
 
 
+def pretraining_claims(rows: list[RowResult]) -> list[tuple[str, str, str]]:
+    """(label, pre-trained row, its random-init row) for each row that has both: did pre-training help?"""
+    keys = {row.run.key for row in rows}
+    return [(f"{row.run.method} pre-training > its random init", row.run.key, f"{row.run.key}_random_init")
+            for row in rows if row.run.reference is None and f"{row.run.key}_random_init" in keys]
+
+
 def verdict_records(plan: Plan, rows: list[RowResult]) -> list[dict[str, Any]]:
-    """One record per claim and protocol of the table."""
+    """One record per claim and protocol of the table: the paper's claims, then pre-training against random
+    initialisation for every row."""
     by_key = {row.run.key: row for row in rows}
     records = []
-    for claim, better_key, worse_key in claims_of(plan):
+    claims = [(claim.label, better, worse) for claim, better, worse in claims_of(plan)]
+    for label, better_key, worse_key in claims + pretraining_claims(rows):
         for protocol in plan.protocols:
             better, worse = side(by_key.get(better_key), protocol), side(by_key.get(worse_key), protocol)
-            record: dict[str, Any] = {"claim": claim.label, "better_row": better_key, "worse_row": worse_key,
+            record: dict[str, Any] = {"claim": label, "better_row": better_key, "worse_row": worse_key,
                                       "protocol": protocol}
             for name, summary in (("better", better), ("worse", worse)):
                 numbers = summary if isinstance(summary, Summary) else Summary(None, None, 0)
