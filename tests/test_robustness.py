@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_mim.eval import corruptions as corruptions_module
 from lightning_mim.eval.corruptions import (
-    CORRUPTIONS, FAMILIES, INSTALL, corrupt_batch, corrupt_image, corruption_seed, load_imagecorruptions,
-    parse_corruptions,
+    CORRUPTIONS, FAMILIES, INSTALL, CorruptionCache, corrupt_image, corrupt_pixels, corruption_seed, from_pixels,
+    load_imagecorruptions, parse_corruptions, to_pixels,
 )
 from lightning_mim.eval.evaluate import main as evaluate
 from lightning_mim.eval.robustness import subset_indices, summarise
@@ -40,17 +41,23 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @needs_imagecorruptions
-def test_corruptions_are_seeded_per_image_whatever_the_batching() -> None:
+def test_corruptions_are_seeded_per_image_whatever_the_batching(tmp_path: Path, monkeypatch) -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, 1, 28, 28, generator=generator).clamp(-2, 2)
+    pixels = to_pixels(images, (0.5,), (0.25,))
+    assert torch.allclose(from_pixels(pixels, (0.5,), (0.25,)), images, atol=0.5 / 255 / 0.25 + 1e-6)
     indices = torch.tensor([3, 10, 11, 40, 41, 99])
-    whole = corrupt_batch(images, indices, "shot_noise", 3, seed=5, mean=(0.5,), std=(0.25,))
-    split = torch.cat([corrupt_batch(images[:2], indices[:2], "shot_noise", 3, 5, (0.5,), (0.25,)),
-                       corrupt_batch(images[2:], indices[2:], "shot_noise", 3, 5, (0.5,), (0.25,))])
+    whole = corrupt_pixels(pixels, indices, "shot_noise", 3, seed=5)
+    split = torch.cat([corrupt_pixels(pixels[:2], indices[:2], "shot_noise", 3, 5),
+                       corrupt_pixels(pixels[2:], indices[2:], "shot_noise", 3, 5)])
     assert torch.equal(whole, split)
-    assert whole.shape == images.shape and not torch.equal(whole, images)
-    other_seed = corrupt_batch(images, indices, "shot_noise", 3, seed=6, mean=(0.5,), std=(0.25,))
-    assert not torch.equal(whole, other_seed)
+    assert whole.shape == pixels.shape and whole.dtype == torch.uint8 and not torch.equal(whole, pixels)
+    assert not torch.equal(whole, corrupt_pixels(pixels, indices, "shot_noise", 3, seed=6))
+    # the cache gives back the same pixels without corrupting again
+    cache = CorruptionCache(tmp_path, {"source": "test"})
+    assert torch.equal(cache.corrupted(pixels, indices, "shot_noise", 3, 5), whole)
+    monkeypatch.setattr(corruptions_module, "corrupt_pixels", lambda *args: pytest.fail("not read from the cache"))
+    assert torch.equal(cache.corrupted(pixels, indices, "shot_noise", 3, 5), whole)
     # every corruption (the random ones through NumPy's generator or scikit-image's) repeats exactly, on the
     # 28 px grey images that are padded to the package's 32 px minimum
     image = (np.random.default_rng(1).random((28, 28)) * 255).astype(np.uint8)
@@ -145,10 +152,23 @@ def test_logreg_robustness_refits_the_logreg_protocols_classifier(tmp_path: Path
     recipe = tmp_path / "mae_micro.yaml"
     recipe.write_text(RECIPE)
     rows = evaluate(["--ckpt", f"random:{recipe}", "--protocols", "logreg,robustness", "--data-source", "synthetic",
-                     "--synthetic-size", "48", "--corruptions", "gaussian_noise", "--results",
+                     "--synthetic-size", "32", "--corruptions", "gaussian_noise", "--results",
                      str(tmp_path / "results"), *COMMON])
     by_protocol = {row["protocol"]: row for row in rows}
     assert list(by_protocol) == ["logreg", "robustness-logreg"]
     # the same fit on the same (whole) validation split: the same clean top-1
     assert by_protocol["robustness-logreg"]["clean_top1"] == by_protocol["logreg"]["top1"]
     assert by_protocol["robustness-logreg"]["val_images"] == by_protocol["logreg"]["val_images"]
+
+
+@needs_imagecorruptions
+def test_finetune_robustness_scores_the_fine_tuned_model(tmp_path: Path) -> None:
+    recipe = tmp_path / "mae_micro.yaml"
+    recipe.write_text(RECIPE)
+    rows = evaluate(["--ckpt", f"random:{recipe}", "--protocols", "robustness,finetune", "--data-source",
+                     "synthetic", "--synthetic-size", "32", "--epochs", "1", "--corruptions", "pixelate",
+                     "--feature-cache", "none", "--results", str(tmp_path / "results"), *COMMON])
+    by_protocol = {row["protocol"]: row for row in rows}
+    assert list(by_protocol) == ["finetune", "robustness-finetune"]  # no k-NN or logreg when fine-tuning ran
+    # the final epoch's model on the same (whole) validation split: the same clean top-1
+    assert by_protocol["robustness-finetune"]["clean_top1"] == by_protocol["finetune"]["top1"]

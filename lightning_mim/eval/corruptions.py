@@ -13,17 +13,24 @@ except for the noises, which draw per channel: their first channel keeps the noi
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
+import io
+import json
 import sys
 import types
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_mim.reliability import atomic_write
 
 # the 15 ImageNet-C corruptions, by family (the package's `get_corruption_names("common")`, in its order)
 FAMILIES = {"noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
@@ -125,22 +132,60 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) 
     return np.clip(np.rint(output.astype(np.float64) @ LUMINANCE), 0, 255).astype(np.uint8)
 
 
-def corrupt_batch(images: Tensor, indices: Tensor, corruption: str, severity: int, seed: int,
-                  mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """Normalised (B, C, H, W) images (C = 1 or 3) of the validation images `indices`, corrupted: de-normalised to
-    uint8, corrupted one by one (`corrupt_image`, seeded by `corruption_seed`) and normalised again."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    pixels = ((images.float().cpu() * std_t + mean_t) * 255.0).round().clamp(0, 255).to(torch.uint8)
+def to_pixels(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Normalised (B, C, H, W) images -> uint8 (B, C, H, W) pixels on the CPU."""
+    mean_t, std_t = _stats(mean, std)
+    return ((images.float().cpu() * std_t + mean_t) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_pixels(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (B, C, H, W) pixels -> normalised float32 images."""
+    mean_t, std_t = _stats(mean, std)
+    return (pixels.float() / 255.0 - mean_t) / std_t
+
+
+def _stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    return (torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+
+def corrupt_pixels(pixels: Tensor, indices: Tensor, corruption: str, severity: int, seed: int) -> Tensor:
+    """uint8 (B, C, H, W) pixels (C = 1 or 3) of the validation images `indices`, corrupted one by one
+    (`corrupt_image`, seeded by `corruption_seed`)."""
     arrays = pixels.permute(0, 2, 3, 1).numpy()
     if arrays.shape[-1] == 1:
         arrays = arrays[..., 0]
-    corrupted = np.stack([corrupt_image(array, corruption, severity, corruption_seed(seed, int(index), corruption,
-                                                                                     severity))
+    corrupted = np.stack([corrupt_image(array, corruption, severity,
+                                        corruption_seed(seed, int(index), corruption, severity))
                           for array, index in zip(arrays, indices.tolist())])
-    output = torch.from_numpy(corrupted).float().div_(255.0)
-    output = output.unsqueeze(1) if output.ndim == 3 else output.permute(0, 3, 1, 2)
-    return ((output - mean_t) / std_t).to(images.dtype)
+    output = torch.from_numpy(corrupted)
+    return output.unsqueeze(1) if output.ndim == 3 else output.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class CorruptionCache:
+    """Corrupted uint8 pixels on disk, `<folder>/<key>.pt` per corruption and severity: every encoder evaluated on the
+    same images (`data`: the evaluation data's identity; the image indices, seed and package version) reads them
+    back instead of corrupting them again (the corruptions cost far more than a micro encoder's forward pass)."""
+
+    folder: Path
+    data: dict[str, Any]
+
+    def corrupted(self, pixels: Tensor, indices: Tensor, corruption: str, severity: int, seed: int) -> Tensor:
+        version = importlib.metadata.version("imagecorruptions")
+        identity = json.dumps({"data": self.data, "indices": hashlib.sha256(indices.numpy().tobytes()).hexdigest(),
+                               "corruption": corruption, "severity": severity, "seed": seed,
+                               "imagecorruptions": version, "shape": list(pixels.shape)}, sort_keys=True)
+        path = self.folder / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.pt"
+        if path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored["identity"] == identity:
+                return stored["pixels"]
+        output = corrupt_pixels(pixels, indices, corruption, severity, seed)
+        buffer = io.BytesIO()
+        torch.save({"pixels": output, "identity": identity}, buffer)
+        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+        return output
 
 
 def parse_corruptions(text: str | None) -> tuple[str, ...]:
@@ -160,5 +205,5 @@ def parse_corruptions(text: str | None) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-__all__ = ["CORRUPTIONS", "FAMILIES", "INSTALL", "SEVERITIES", "corrupt_batch", "corrupt_image", "corruption_seed",
-           "load_imagecorruptions", "parse_corruptions"]
+__all__ = ["CORRUPTIONS", "CorruptionCache", "FAMILIES", "INSTALL", "SEVERITIES", "corrupt_image", "corrupt_pixels", "corruption_seed",
+           "from_pixels", "load_imagecorruptions", "parse_corruptions", "to_pixels"]

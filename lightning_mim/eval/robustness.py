@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,16 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_mim.eval.corruptions import SEVERITIES, corrupt_batch, load_imagecorruptions, parse_corruptions
+from lightning_mim.eval.corruptions import (
+    SEVERITIES, CorruptionCache, corrupt_pixels, from_pixels, load_imagecorruptions, parse_corruptions, to_pixels,
+)
 from lightning_mim.eval.features import FrozenFeatures
 from lightning_mim.eval.knn import knn_classify
 from lightning_mim.eval.logreg import fit_logistic_regression, linear_probe, standardiser
 from lightning_mim.eval.resumable import LAST_NAME
 from lightning_mim.eval.shift import ShiftSet, parse_shift_dir, shift_sets, shift_top1
 
-Scorer = Callable[[Tensor], Tensor]  # normalised images (B, C, H, W) -> class scores (B, K)
 DETAIL_COLUMNS = ("run", "method", "config_hash", "timestamp", "classifier", "corruption", "severity", "top1",
                   "images")
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """scores = head(extract(normalised images)); classifiers sharing one `extract` (the frozen encoder) run it once
+    per batch."""
+
+    extract: Callable[[Tensor], Tensor]
+    head: Callable[[Tensor], Tensor]
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.head(self.extract(images))
 
 
 def add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,21 +62,20 @@ def add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
                              "wnids (e.g. imagenet-r=/data/imagenet-r); repeatable")
 
 
-def feature_scorer(feature_fn: Callable[[Tensor], Tensor], classify: Callable[[Tensor], Tensor],
-                   device: torch.device) -> Scorer:
-    return lambda images: classify(feature_fn(images.to(device)).float())
-
-
-def frozen_scorers(features: FrozenFeatures, options: argparse.Namespace, earlier: dict[str, dict[str, Any]],
-                   names: Iterable[str]) -> dict[str, Scorer]:
+def frozen_classifiers(features: FrozenFeatures, options: argparse.Namespace, earlier: dict[str, dict[str, Any]],
+                       names: Iterable[str]) -> dict[str, Classifier]:
     """The k-NN and logistic-regression classifiers of `features`, as their protocols build them."""
-    scorers: dict[str, Scorer] = {}
     num_classes, device = features.datamodule.num_classes, features.device
+
+    def extract(images: Tensor) -> Tensor:
+        return features.feature_fn(images.to(device)).float()
+
+    classifiers: dict[str, Classifier] = {}
     if "knn" in names:
         bank, bank_labels = features.train(features.datamodule.hparams.knn_bank_size)
         bank, bank_labels = F.normalize(bank, dim=1).to(device), bank_labels.to(device)
-        scorers["knn"] = feature_scorer(features.feature_fn, lambda x: knn_classify(
-            bank, bank_labels, F.normalize(x, dim=1), num_classes, k=options.k, temperature=options.temperature), device)
+        classifiers["knn"] = Classifier(extract, lambda x: knn_classify(
+            bank, bank_labels, F.normalize(x, dim=1), num_classes, k=options.k, temperature=options.temperature))
     if "logreg" in names:
         train, train_labels = features.train(options.train_subset)
         l2 = earlier.get("logreg", {}).get("l2")
@@ -74,16 +87,28 @@ def frozen_scorers(features: FrozenFeatures, options: argparse.Namespace, earlie
         mean, std = standardiser(train)
         fit = fit_logistic_regression((train - mean) / std, train_labels.to(device), num_classes, l2,
                                       options.logreg_max_iter)
-        scorers["logreg"] = feature_scorer(features.feature_fn, lambda x: fit.logits((x - mean) / std), device)
-    return scorers
+        classifiers["logreg"] = Classifier(extract, lambda x: fit.logits((x - mean) / std))
+    return classifiers
 
 
-def finetuned_scorer(folder: Path, device: torch.device) -> Scorer:
+def finetuned_classifier(folder: Path, device: torch.device) -> Classifier:
     """The fine-tuned classifier of a finished `finetune` working folder (its final epoch)."""
     from lightning_mim.eval.finetune import FineTune  # imports timm's training stack: only when fine-tuning ran
 
     model = FineTune.load_from_checkpoint(folder / LAST_NAME, map_location=device, pretrained=None).to(device).eval()
-    return lambda images: model(images.to(device))
+    return Classifier(lambda images: model(images.to(device)), lambda logits: logits)
+
+
+def predict(classifiers: dict[str, Classifier], images: Tensor) -> dict[str, Tensor]:
+    """Each classifier's scores (B, K) on the CPU, each distinct `extract` run once."""
+    extracted: dict[int, Tensor] = {}
+    scores = {}
+    for name, classifier in classifiers.items():
+        key = id(classifier.extract)
+        if key not in extracted:
+            extracted[key] = classifier.extract(images)
+        scores[name] = classifier.head(extracted[key]).cpu()
+    return scores
 
 
 def subset_indices(total: int, size: int | None, seed: int) -> Tensor:
@@ -96,29 +121,41 @@ def subset_indices(total: int, size: int | None, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def corruption_top1(scorers: dict[str, Scorer], loader: Iterable, chosen: Tensor, corruptions: tuple[str, ...],
-                    seed: int, mean: tuple[float, ...], std: tuple[float, ...],
+def corruption_top1(classifiers: dict[str, Classifier], loader: Iterable, chosen: Tensor,
+                    corruptions: tuple[str, ...], seed: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    batch_size: int, cache: CorruptionCache | None,
                     log: Callable[[str], None]) -> dict[tuple[str, str, int], float]:
     """Top-1 (%) per (classifier, corruption, severity) over the `chosen` indices of the (unshuffled) `loader`, plus
-    (classifier, "clean", 0). Each image is corrupted once per corruption and severity, for every classifier."""
+    (classifier, "clean", 0) on the images as loaded. The chosen images are held as uint8 pixels, each corrupted
+    once per corruption and severity (or read from `cache`) and scored by every classifier."""
     correct: dict[tuple[str, str, int], int] = {}
-    settings = [("clean", 0), *((name, severity) for name in corruptions for severity in SEVERITIES)]
-    seen, position, start = 0, 0, time.perf_counter()
-    for images, labels in loader:
-        index = torch.arange(position, position + len(labels))
-        position += len(labels)
-        mask = torch.isin(index, chosen)
-        if not mask.any():
-            continue
-        images, labels, index = images[mask], torch.as_tensor(labels)[mask], index[mask]
-        for name, severity in settings:
-            batch = images if name == "clean" else corrupt_batch(images, index, name, severity, seed, mean, std)
-            for classifier, scorer in scorers.items():
-                hits = int((scorer(batch).argmax(dim=1).cpu() == labels).sum())
-                correct[classifier, name, severity] = correct.get((classifier, name, severity), 0) + hits
-        seen += len(labels)
-        log(f"robustness: {seen}/{len(chosen)} images ({time.perf_counter() - start:.0f} s)")
-    return {key: 100.0 * hits / max(seen, 1) for key, hits in correct.items()}
+
+    def count(name: str, severity: int, images: Tensor, labels: Tensor) -> None:
+        for classifier, scores in predict(classifiers, images).items():
+            hits = int((scores.argmax(dim=1) == labels).sum())
+            correct[classifier, name, severity] = correct.get((classifier, name, severity), 0) + hits
+
+    pixels, labels, position = [], [], 0
+    for images, batch_labels in loader:
+        index = torch.arange(position, position + len(batch_labels))
+        position += len(batch_labels)
+        keep = torch.isin(index, chosen)
+        if keep.any():
+            count("clean", 0, images[keep], torch.as_tensor(batch_labels)[keep])
+            pixels.append(to_pixels(images[keep], mean, std))
+            labels.append(torch.as_tensor(batch_labels)[keep])
+    all_pixels, all_labels = torch.cat(pixels), torch.cat(labels)
+    for name in corruptions:
+        start = time.perf_counter()
+        for severity in SEVERITIES:
+            corrupted = (cache.corrupted(all_pixels, chosen, name, severity, seed) if cache is not None
+                         else corrupt_pixels(all_pixels, chosen, name, severity, seed))
+            for first in range(0, len(chosen), batch_size):
+                part = slice(first, first + batch_size)
+                count(name, severity, from_pixels(corrupted[part], mean, std), all_labels[part])
+        log(f"robustness: {name} on {len(chosen)} images x {len(SEVERITIES)} severities "
+            f"({time.perf_counter() - start:.1f} s)")
+    return {key: 100.0 * hits / len(chosen) for key, hits in correct.items()}
 
 
 def summarise(top1: dict[tuple[str, str, int], float], corruptions: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -140,16 +177,18 @@ def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlie
     datamodule, device = features.datamodule, features.device
     shifts = shift_sets(options.shift_dir, datamodule)
     if "finetune" in earlier:
-        scorers = {"finetune": finetuned_scorer(Path(earlier["finetune"]["folder"]), device)}
+        classifiers = {"finetune": finetuned_classifier(Path(earlier["finetune"]["folder"]), device)}
     else:
-        scorers = {}
-    frozen = [name for name in ("knn", "logreg") if name in earlier] or ([] if scorers else ["knn", "logreg"])
-    scorers |= frozen_scorers(features, options, earlier, frozen)
+        classifiers = {}
+    frozen = [name for name in ("knn", "logreg") if name in earlier] or ([] if classifiers else ["knn", "logreg"])
+    classifiers |= frozen_classifiers(features, options, earlier, frozen)
     total = features.val()[1].shape[0]
     chosen = subset_indices(total, options.robustness_images, options.seed)
     mean, std = datamodule.mean_for(datamodule.in_chans), datamodule.std_for(datamodule.in_chans)
-    top1 = corruption_top1(scorers, datamodule.val_dataloader(), chosen, corruptions, options.seed, mean, std,
-                           lambda line: log(line) if options.progress else None)
+    cache = None if features.cache_dir is None else CorruptionCache(
+        features.cache_dir / "corrupted", features.data_identity() | {"val_subset": datamodule.hparams.val_subset})
+    top1 = corruption_top1(classifiers, datamodule.val_dataloader(), chosen, corruptions, options.seed, mean, std,
+                           datamodule.batch_size, cache, log)
     summary = summarise(top1, corruptions)
     rows: list[tuple[str, dict[str, Any]]] = []
     details: list[dict[str, Any]] = []
@@ -166,14 +205,14 @@ def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlie
     for detail in details:
         detail["images"] = len(chosen)
     for shift in shifts:
-        rows += shift_rows(shift, scorers, details, options)
+        rows += shift_rows(shift, classifiers, details, options)
     return rows, details
 
 
-def shift_rows(shift: ShiftSet, scorers: dict[str, Scorer], details: list[dict[str, Any]],
+def shift_rows(shift: ShiftSet, classifiers: dict[str, Classifier], details: list[dict[str, Any]],
                options: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    for classifier, scorer in scorers.items():
+    for classifier, scorer in classifiers.items():
         top1 = shift_top1(scorer, shift, options.batch_size or 64, options.num_workers or 0)
         rows.append((f"shift-{shift.name}-{classifier}", {"top1": top1, "val_images": len(shift.dataset),
                                                           "epochs": 0}))
@@ -197,4 +236,4 @@ def append_details(results_dir: Path, identity: dict[str, Any], details: list[di
 
 
 __all__ = ["DETAIL_COLUMNS", "add_robustness_arguments", "append_details", "corruption_top1",
-           "frozen_scorers", "run_robustness", "subset_indices", "summarise"]
+           "Classifier", "frozen_classifiers", "predict", "run_robustness", "subset_indices", "summarise"]
