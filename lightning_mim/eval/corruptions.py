@@ -205,5 +205,5 @@ def parse_corruptions(text: str | None) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-__all__ = ["CORRUPTIONS", "CorruptionCache", "FAMILIES", "INSTALL", "SEVERITIES", "corrupt_image", "corrupt_pixels", "corruption_seed",
-           "from_pixels", "load_imagecorruptions", "parse_corruptions", "to_pixels"]
+__all__ = ["CORRUPTIONS", "FAMILIES", "INSTALL", "SEVERITIES", "CorruptionCache", "corrupt_image", "corrupt_pixels",
+           "corruption_seed", "from_pixels", "load_imagecorruptions", "parse_corruptions", "to_pixels"]

@@ -29,6 +29,9 @@ keyword arguments, `data:` and `trainer:`) default to the Fashion-MNIST demo rec
 on any `--devices` x `--num-nodes` through the per-device batch and gradient accumulation; its
 `trainer.check_val_every_n_epoch` (default: the last epoch only) sets how often the val set is scored.
 
+`robustness` (scored last): top-1 under the ImageNet-C corruptions and on `--shift-dir` folders with the classifiers
+of the other protocols of the call (`lightning_mim.eval.robustness`).
+
 Results: `top1` / `top5` after the last epoch, `top1_best` the best validated epoch's top-1, `val_images` the number of
 images scored (the whole val split unless `--val-subset` or the data config asks for a subset).
 

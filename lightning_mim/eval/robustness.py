@@ -164,7 +164,7 @@ def summarise(top1: dict[tuple[str, str, int], float], corruptions: tuple[str, .
     for classifier in dict.fromkeys(key[0] for key in top1):
         per = {name: sum(top1[classifier, name, s] for s in SEVERITIES) / len(SEVERITIES) for name in corruptions}
         summary[classifier] = {"clean": top1[classifier, "clean", 0], "per_corruption": per,
-                               "mca": sum(per.values()) / len(per) if per else float("nan")}
+                               "mca": sum(per.values()) / len(per)}
     return summary
 
 
@@ -235,5 +235,5 @@ def append_details(results_dir: Path, identity: dict[str, Any], details: list[di
             writer.writerow({**identity, **detail, "top1": f"{top1:.2f}"})
 
 
-__all__ = ["DETAIL_COLUMNS", "add_robustness_arguments", "append_details", "corruption_top1",
-           "Classifier", "frozen_classifiers", "predict", "run_robustness", "subset_indices", "summarise"]
+__all__ = ["DETAIL_COLUMNS", "Classifier", "add_robustness_arguments", "append_details", "corruption_top1",
+           "frozen_classifiers", "predict", "run_robustness", "subset_indices", "summarise"]
