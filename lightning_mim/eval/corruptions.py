@@ -92,11 +92,12 @@ def load_imagecorruptions() -> Callable[..., np.ndarray]:
     package = sys.modules.get("imagecorruptions")
     if package is None:
         package = _import_imagecorruptions()
-    module = package.corruptions  # the adaptations below are idempotent
-    module.gaussian = _gaussian
-    module.np = _NumpyWithFloatAlias("numpy")
-    module.sk = types.SimpleNamespace(util=types.SimpleNamespace(random_noise=_seeded_random_noise),
-                                      color=module.sk.color)
+    module = package.corruptions
+    if not isinstance(module.np, _NumpyWithFloatAlias):  # once per process
+        module.gaussian = _gaussian
+        module.np = _NumpyWithFloatAlias("numpy")
+        module.sk = types.SimpleNamespace(util=types.SimpleNamespace(random_noise=_seeded_random_noise),
+                                          color=module.sk.color)
     return package.corrupt
 
 
