@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_mim.reliability import atomic_write
+from lightning_mim.targets.base import MissingExtraError
 
 # the 15 ImageNet-C corruptions, by family (the package's `get_corruption_names("common")`, in its order)
 FAMILIES = {"noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
@@ -41,7 +42,7 @@ CORRUPTIONS = tuple(name for names in FAMILIES.values() for name in names)
 PER_CHANNEL_NOISE = ("gaussian_noise", "shot_noise", "impulse_noise")
 SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIZE = 32  # imagecorruptions refuses smaller images
-INSTALL = "pip install -e '.[robustness]' (imagecorruptions)"
+INSTALL = "pip install 'lightning_mim[robustness]' (or `make install`, which installs it)"
 LUMINANCE = np.array([0.299, 0.587, 0.114])
 
 
@@ -80,7 +81,8 @@ def _import_imagecorruptions() -> types.ModuleType:
     try:
         return importlib.import_module("imagecorruptions")
     except ImportError as error:
-        raise ImportError(f"the robustness protocol needs the imagecorruptions package ({error}): {INSTALL}") from None
+        raise MissingExtraError(f"the robustness protocol needs the Python package 'imagecorruptions', which is not "
+                                f"installed ({error}): {INSTALL}") from None
     finally:
         if missing_pkg_resources:
             sys.modules.pop("pkg_resources", None)
