@@ -15,7 +15,7 @@ install: $(STAMP) data
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,tokenizers,jpeg]' -c constraints.txt
+	$(BIN)/pip install --quiet -e '.[dev,tokenizers,jpeg,robustness]' -c constraints.txt
 	touch $(STAMP)
 
 # Fashion-MNIST, the default data, from the Debian package dataset-fashion-mnist: installed system-wide when apt can

@@ -29,6 +29,9 @@ keyword arguments, `data:` and `trainer:`) default to the Fashion-MNIST demo rec
 on any `--devices` x `--num-nodes` through the per-device batch and gradient accumulation; its
 `trainer.check_val_every_n_epoch` (default: the last epoch only) sets how often the val set is scored.
 
+`robustness` (scored last): top-1 under the ImageNet-C corruptions and on `--shift-dir` folders with the classifiers
+of the other protocols of the call (`lightning_mim.eval.robustness`).
+
 Results: `top1` / `top5` after the last epoch, `top1_best` the best validated epoch's top-1, `val_images` the number of
 images scored (the whole val split unless `--val-subset` or the data config asks for a subset).
 
@@ -63,6 +66,7 @@ from lightning_mim.eval.features import (
 from lightning_mim.eval.finetune import FineTune
 from lightning_mim.eval.frozen import FROZEN_PROTOCOLS, add_frozen_arguments, append_logreg_details, run_frozen
 from lightning_mim.eval.linear import LinearProbe
+from lightning_mim.eval.robustness import add_robustness_arguments, append_details, run_robustness
 from lightning_mim.eval.resumable import (
     BestTop1, read_result, resumable_trainer_arguments, resume_path, upgrade_csv, working_folder,
     write_result,
@@ -71,9 +75,10 @@ from lightning_mim.eval.weights import config_hash
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # top1 is the final epoch's; top1_best the best validated epoch's (linear / finetune); val_images the images scored
+# clean_top1: the robustness rows' top-1 of their images uncorrupted (their top1 is the mean corruption accuracy)
 COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp", "top1_best",
-           "val_images")
-PROTOCOLS = ("knn", "linear", "finetune", "logreg")
+           "val_images", "clean_top1")
+PROTOCOLS = ("knn", "linear", "finetune", "logreg", "robustness")
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
                    config: BackboneConfig | None) -> dict[str, Any]:
     """MIMDataModule keyword arguments: data config, then the protocol recipe's `data:`, then the command line."""
@@ -164,7 +169,7 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
     if finished is not None:
         print(f"{protocol}: finished earlier, reporting {folder / 'result.json'} (delete that folder to train "
               f"again)", flush=True)
-        return finished
+        return finished | {"folder": folder}
     datamodule = build_datamodule(data, encoder, options.adapt_images)
     module_class = LinearProbe if protocol == "linear" else FineTune
     L.seed_everything(options.seed, verbose=False)
@@ -187,7 +192,7 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
                         "val_images": int(trainer.callback_metrics["val/images"])}
     if trainer.is_global_zero:
         write_result(folder, result)
-    return result
+    return result | {"folder": folder}
 
 
 def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
                         help="Lightning checkpoint, exported .safetensors, official release, random:<recipe.yaml>, "
                              "or pixels (the raw-pixel reference: knn and logreg only)")
     parser.add_argument("--protocols", default="knn,linear,finetune",
-                        help="comma-separated: knn, linear, finetune, logreg")
+                        help="comma-separated: knn, linear, finetune, logreg, robustness (scored last, with the "
+                             "classifiers of the others: see lightning_mim.eval.robustness)")
     parser.add_argument("--backbone", type=json.loads, default=None,
                         help='BackboneConfig of a checkpoint that does not store one, as JSON: \'{"size": "base"}\'')
     parser.add_argument("--data-config", default=str(CONFIG_DIR / "data" / "fashion_mnist.yaml"),
@@ -266,12 +272,14 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
                         help="working folders of the linear probe / fine-tuning (last.ckpt each epoch, result.json; "
                              "default <results>/eval): a rerun resumes or reuses them")
     add_frozen_arguments(parser)
+    add_robustness_arguments(parser)
     options = parser.parse_args(argv)
     protocols = [name.strip() for name in options.protocols.split(",") if name.strip()]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
         parser.error(f"unknown protocols {unknown}: choose from {', '.join(PROTOCOLS)}")
-    trained = [name for name in protocols if name not in FROZEN_PROTOCOLS]
+    protocols.sort(key=lambda name: name == "robustness")  # it scores the classifiers the others build
+    trained = [name for name in protocols if name not in (*FROZEN_PROTOCOLS, "robustness")]
     if options.ckpt == PIXELS and trained:
         parser.error(f"--ckpt pixels has no encoder to train with {', '.join(trained)}: use --protocols knn,logreg")
 
@@ -280,27 +288,42 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
         backbone = BackboneConfig(**options.backbone) if options.backbone is not None else None
         encoder = None if options.ckpt == PIXELS else resolve_encoder(options.ckpt, Path(workdir), backbone)
         frozen: FrozenFeatures | None = None
+        earlier: dict[str, dict[str, Any]] = {}
         for protocol in protocols:
             start = time.perf_counter()
-            if protocol in FROZEN_PROTOCOLS:
+            if protocol == "robustness":
                 frozen = frozen or frozen_features(encoder, options)
-                metrics = run_frozen(protocol, frozen, options) | {"val_images": frozen.val()[1].shape[0],
-                                                                   "epochs": 0}
+                results, details = run_robustness(frozen, options, earlier, lambda line: print(line, flush=True))
+                if rank_zero_only.rank == 0:
+                    append_details(Path(options.results), row_identity(encoder) | {
+                        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}, details)
+            elif protocol in FROZEN_PROTOCOLS:
+                frozen = frozen or frozen_features(encoder, options)
+                results = [(protocol, run_frozen(protocol, frozen, options) | {
+                    "val_images": frozen.val()[1].shape[0], "epochs": 0})]
             else:
-                metrics = run_trained(protocol, encoder, options, callbacks)
-            row = {**row_identity(encoder), "protocol": protocol, "top1": f"{metrics['top1']:.2f}",
-                   "top5": f"{metrics['top5']:.2f}" if "top5" in metrics else "",
-                   "epochs": metrics["epochs"], "seconds": f"{time.perf_counter() - start:.1f}",
-                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "top1_best": f"{metrics['top1_best']:.2f}" if "top1_best" in metrics else "",
-                   "val_images": metrics["val_images"]}
-            if rank_zero_only.rank == 0:  # every DDP rank runs this loop; one writes
-                append_results(Path(options.results), [row])
-                if protocol == "logreg":
-                    append_logreg_details(Path(options.results), row, metrics)
-            rows.append(row)
-            print(" | ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+                results = [(protocol, run_trained(protocol, encoder, options, callbacks))]
+            for name, metrics in results:
+                earlier[name] = metrics
+                row = result_row(encoder, name, metrics, time.perf_counter() - start)
+                if rank_zero_only.rank == 0:  # every DDP rank runs this loop; one writes
+                    append_results(Path(options.results), [row])
+                    if name == "logreg":
+                        append_logreg_details(Path(options.results), row, metrics)
+                rows.append(row)
+                print(" | ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     return rows
+
+
+def result_row(encoder: Encoder | None, protocol: str, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One results.csv row; percentages with two decimals, absent metrics empty."""
+    def percent(name: str) -> str:
+        return f"{metrics[name]:.2f}" if name in metrics else ""
+
+    return {**row_identity(encoder), "protocol": protocol, "top1": percent("top1"), "top5": percent("top5"),
+            "epochs": metrics["epochs"], "seconds": f"{seconds:.1f}",
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "top1_best": percent("top1_best"),
+            "val_images": metrics["val_images"], "clean_top1": percent("clean_top1")}
 
 
 __all__ = ["COLUMNS", "PROTOCOLS", "append_results", "build_datamodule", "config_hash", "data_arguments", "main"]
