@@ -69,3 +69,25 @@ def build_imagefolder(data_dir: str | None, split: str, counter: SkipCounter) ->
         return SkippingImageFolder(root, counter)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{root}: {exc}; source 'imagefolder' expects {layout}") from exc
+
+
+def class_folders(data_dir: str | os.PathLike, split: str) -> list[str]:
+    """The class folder names of DATA_DIR/<split>, sorted as ImageFolder labels them (no image scan); empty when the
+    folder does not exist."""
+    root = Path(data_dir) / split
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir()) if root.is_dir() else []
+
+
+def check_same_classes(data_dir: str | os.PathLike, train: list[str], val: list[str]) -> None:
+    """Refuse a val/ whose class folders are not train/'s: the labels are indices into the sorted names, so a
+    missing, extra or renamed folder would score every image against another class's label."""
+    if train == val:
+        return
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "none"
+
+    raise ValueError(f"{data_dir}: val/ has other class folders than train/ ({len(train)} in train/, {len(val)} in "
+                     f"val/; only in train/: {listed(only_train)}; only in val/: {listed(only_val)}): give both "
+                     f"splits the same class folders")
