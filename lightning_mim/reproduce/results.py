@@ -15,13 +15,12 @@ from lightning_mim.reproduce.stats import Summary, summarize
 from lightning_mim.reproduce.transfer import transfer_title, transfer_top1
 
 PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune", "logreg": "logistic regression"}
+THROUGHPUT_TAG = "train/throughput_img_s"
 
 
 def protocol_name(protocol: str) -> str:
     """A protocol's name in tables: evaluate's protocols, and a transfer set's fine-tuning ("iNat 2018 fine-tune")."""
     return transfer_title(protocol) or PROTOCOL_NAMES[protocol]
-
-THROUGHPUT_TAG = "train/throughput_img_s"
 
 
 @dataclass
