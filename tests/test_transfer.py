@@ -120,7 +120,7 @@ def test_transfer_stages_follow_each_mae_and_lut_pretraining_at_the_recipes_batc
             assert option(command, "--finetune-config").endswith(TRANSFER_RECIPES[run.method])
             assert (option(command, "--data-dir"), option(command, "--ckpt")) == (folder, str(run.checkpoint))
             assert Path(option(command, "--results")) == tmp_path / "paper" / "transfer" / name
-            batch, accumulation = int(option(command, "--batch-size")), int(option(command, "--accumulate-grad-batches"))
+            batch, accumulation = (int(option(command, name)) for name in ("--batch-size", "--accumulate-grad-batches"))
             assert batch * 4 * accumulation == recipe["effective_batch"] == 1024
             assert stage.after == run.pretrain.key
     with pytest.raises(ReproduceError, match="use it with PRESET=paper"):
