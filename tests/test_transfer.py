@@ -74,6 +74,15 @@ def test_a_val_folder_with_other_classes_is_refused_in_one_line(tmp_path, capsys
     with pytest.raises(ValueError, match=r"3 in train/, 3 in val/; only in train/: cat; only in val/: dog\): give "
                                          r"both splits the same class folders"):
         MIMDataModule(source="imagefolder", data_dir=str(data), num_workers=0).setup("fit")
+    # a class without val images: its empty val/ folder keeps the labels of the classes after it
+    (data / "val" / "dog").rename(data / "val" / "cat")
+    for image in (data / "val" / "bee").iterdir():
+        image.unlink()
+    datamodule = MIMDataModule(source="imagefolder", data_dir=str(data), num_workers=0)
+    datamodule.setup("fit")
+    val = datamodule._source.val
+    assert datamodule.num_classes == 3 and [val[index][1] for index in range(len(val))] == [0, 2]
+    (data / "val" / "cat").rename(data / "val" / "dog")
     recipe = tmp_path / "mae_micro.yaml"
     recipe.write_text(RECIPE)
     with pytest.raises(SystemExit):
