@@ -54,19 +54,23 @@ bench: install
 # DRY_RUN=1 (print the commands only), ROWS=a,b, FIT_ARGS= / EVAL_ARGS= (more fit / evaluate arguments), STEPS=
 # (the demo budget, default 300), JOBS= (rows at once, default 1), SEEDS= (runs of every row, seeded 0..SEEDS-1:
 # tables give mean, std and n, and each paper claim's verdict; default 1), EPOCHS= (compare's budget at paper scale),
-# CPUS_PER_GPU= (SLURM=1: --cpus-per-task of every job; default: the nodes' CPUs per GPU from sinfo, else 10). Unset
-# ones take the driver's defaults (`lightning-mim reproduce --help`).
+# CPUS_PER_GPU= (SLURM=1: --cpus-per-task of every job; default: the nodes' CPUs per GPU from sinfo, else 10),
+# TRANSFER_DATA=name=folder,... (reproduce targets, PRESET=paper: every MAE / LUT pre-training also fine-tuned on each
+# ImageFolder, e.g. inat2018=/data/inat2018,cub200=/data/cub200; a column per set). Unset ones take the driver's
+# defaults (`lightning-mim reproduce --help`).
 REPRODUCE_ARGS = $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data '$(DATA)') $(if $(GPUS),--gpus $(GPUS)) \
 	$(if $(NODES),--nodes $(NODES)) $(if $(filter 1,$(SLURM)),--slurm) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
 	$(if $(ROWS),--rows $(ROWS)) $(if $(FIT_ARGS),--fit-args='$(FIT_ARGS)') $(if $(EVAL_ARGS),--eval-args='$(EVAL_ARGS)') \
 	$(if $(STEPS),--steps $(STEPS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(CPUS_PER_GPU),--cpus-per-gpu $(CPUS_PER_GPU))
 
+TRANSFER_ARGS = $(if $(TRANSFER_DATA),--transfer-data '$(TRANSFER_DATA)')
+
 reproduce-lut reproduce-symmim reproduce-mapet reproduce-all: install
-	$(BIN)/lightning-mim reproduce $(@:reproduce-%=%) $(REPRODUCE_ARGS)
+	$(BIN)/lightning-mim reproduce $(@:reproduce-%=%) $(REPRODUCE_ARGS) $(TRANSFER_ARGS)
 
 reproduce-beyond-masking: install
-	$(BIN)/lightning-mim reproduce beyond_masking $(REPRODUCE_ARGS)
+	$(BIN)/lightning-mim reproduce beyond_masking $(REPRODUCE_ARGS) $(TRANSFER_ARGS)
 
 compare: install
 	$(BIN)/lightning-mim compare $(REPRODUCE_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS))

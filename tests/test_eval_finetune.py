@@ -121,6 +121,8 @@ def test_train_transforms_for_rgb_and_grey() -> None:
 RECIPES = {
     "finetune_mae_vit_b16_in1k.yaml": (1024, 2e-3, 0.65),
     "finetune_lut_vit_b16_in1k.yaml": (1024, 4e-3, 0.75),
+    "finetune_transfer_mae_vit_b16.yaml": (1024, 2e-3, 0.65),
+    "finetune_transfer_lut_vit_b16.yaml": (1024, 4e-3, 0.75),
     "finetune_mapet_vit_t16_in1k.yaml": (512, 2.5e-4, 1.0),
     "finetune_mapet_vit_s16_in1k.yaml": (512, 5e-3, 0.65),
     "finetune_mapet_vit_b16_in1k.yaml": (512, 5e-4, 0.65),

@@ -12,7 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_mim.data.fashion_mnist import (
     FASHION_MNIST_CLASSES, ArrayImages, default_fashion_mnist_dir, load_fashion_mnist,
 )
-from lightning_mim.data.imagefolder import SkippingImageFolder, build_imagefolder
+from lightning_mim.data.imagefolder import SkippingImageFolder, build_imagefolder, check_same_classes
 from lightning_mim.data.seeding import EpochSampler, Transformed, seeded_subset
 from lightning_mim.data.skipping import SkipCounter
 from lightning_mim.data.synthetic import SyntheticImages
@@ -44,9 +44,7 @@ class MapSource:
         elif source == "imagefolder":
             train_raw = build_imagefolder(options["data_dir"], "train", counter)
             val_raw = build_imagefolder(options["data_dir"], "val", counter)
-            if train_raw.classes != val_raw.classes:
-                raise ValueError(f"{options['data_dir']}: train/ and val/ have different class folders "
-                                 f"({len(train_raw.classes)} vs {len(val_raw.classes)})")
+            check_same_classes(options["data_dir"], train_raw.classes, val_raw.classes)
             num_classes = len(train_raw.classes)
         else:
             args = (options["synthetic_image_size"], options["synthetic_classes"], seed)

@@ -17,6 +17,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from lightning_mim.callbacks import MIMCheckpoint, RequeueAtStepBoundary
+from lightning_mim.data.imagefolder import class_folders
 from lightning_mim.reliability import AtomicCheckpointIO, ResumeLoaderPosition, RNGState, atomic_write
 
 RESULT_NAME = "result.json"
@@ -39,8 +40,13 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 def working_folder(root: Path, encoder_run: str, encoder_digest: str, protocol: str, recipe: Path,
                    settings: dict[str, Any]) -> Path:
     """`<root>/<encoder run>/<protocol>-<recipe name>-<fingerprint>`: the fingerprint hashes the encoder's bytes,
-    the recipe and every setting that changes the result (data, epochs, seed, batch, devices)."""
+    the recipe and every setting that changes the result (data, epochs, seed, batch, devices). An image folder's
+    path is left out (moving the data keeps a run resumable) but its training classes are not: the same recipe
+    fine-tuned on two transfer sets gets two working folders."""
     kept = {key: value for key, value in settings.items() if key not in NOT_IN_FINGERPRINT}
+    if settings.get("source") == "imagefolder" and settings.get("data_dir"):
+        names = "\n".join(class_folders(settings["data_dir"], "train"))
+        kept["train_classes"] = hashlib.sha256(names.encode()).hexdigest()
     text = json.dumps({"encoder": encoder_digest, "protocol": protocol, "settings": kept}, sort_keys=True,
                       default=str)
     fingerprint = hashlib.sha256(text.encode()).hexdigest()[:10]

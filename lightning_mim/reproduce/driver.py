@@ -4,6 +4,7 @@
     lightning-mim reproduce lut --preset paper --data /data/imagenet --gpus 8 --nodes 4 --dry-run
     lightning-mim reproduce all --preset smoke
     lightning-mim reproduce lut --seeds 3                          # each row at seeds 0, 1, 2: mean, std, verdicts
+    lightning-mim reproduce lut --data /data/imagenet --transfer-data inat2018=/data/inat2018  # + transfer column
 
 Each row is one pre-training (`lightning-mim fit` with the row's recipe composed with the preset's trainer and data)
 followed by its evaluations (`lightning-mim evaluate`), each a subprocess with its own log; `--jobs N` runs N rows at
@@ -43,6 +44,7 @@ from lightning_mim.reproduce.presets import DEMO_STEPS, ReproduceError, Setup, s
 from lightning_mim.reproduce.slurm import DEFAULT_CPUS_PER_GPU, SlurmJobError, node_cpus_per_gpu, submit, wait_for_job
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.tables import finish_compare, finish_paper
+from lightning_mim.reproduce.transfer import add_transfer, parse_transfer_data
 
 LOG_TAIL_LINES = 15
 
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> list[Plan]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paper", choices=(*PAPERS, "all"))
     add_options(parser)
+    parser.add_argument("--transfer-data", default="",
+                        help="paper: name=folder,... ImageFolders (train/, val/) each MAE / LUT pre-training is also "
+                             "fine-tuned on (inat2017, inat2018, inat2019: beside MAE's reported numbers)")
     options = parser.parse_args(argv)
     plans = []
     try:
@@ -198,8 +203,10 @@ def main(argv: list[str] | None = None) -> list[Plan]:
         if options.paper == "all" and options.rows:
             raise ReproduceError("ROWS selects rows of one paper: use it with one paper's target (reproduce-lut, ...)")
         rows = options.rows.split(",") if options.rows else None
+        transfer = parse_transfer_data(options.transfer_data)
         for paper in PAPERS.values() if options.paper == "all" else [PAPERS[options.paper]]:
             plan = plan_paper(paper, setup, Path(options.out), rows, options.seeds)
+            add_transfer(plan, transfer)
             state = run_plan(plan, options.dry_run, options.jobs)
             if not options.dry_run:
                 finish_paper(plan, state)

@@ -108,7 +108,9 @@ class Plan:
 
     @property
     def protocols(self) -> tuple[str, ...]:
-        """The table's protocols: those the runs evaluate and those the paper reports, in evaluate's order."""
+        """The table's protocols: those the runs evaluate and those the paper reports, in evaluate's order, then the
+        columns of other data the runs evaluate (transfer sets: `reproduce.transfer`), in run order."""
         wanted = {protocol for run in self.runs for protocol in run.protocols}
         wanted |= {protocol for run in self.runs for row in run.references for protocol in row.reported}
-        return tuple(protocol for protocol in PROTOCOLS if protocol in wanted)
+        other = dict.fromkeys(protocol for run in self.runs for protocol in run.protocols if protocol not in PROTOCOLS)
+        return tuple(protocol for protocol in PROTOCOLS if protocol in wanted) + tuple(other)

@@ -11,9 +11,15 @@ from pathlib import Path
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.stats import Summary, summarize
+from lightning_mim.reproduce.transfer import transfer_title, transfer_top1
 
 PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune", "logreg": "logistic regression"}
 THROUGHPUT_TAG = "train/throughput_img_s"
+
+
+def protocol_name(protocol: str) -> str:
+    """A protocol's name in tables: evaluate's protocols, and a transfer set's fine-tuning ("iNat 2018 fine-tune")."""
+    return transfer_title(protocol) or PROTOCOL_NAMES[protocol]
 
 
 @dataclass
@@ -86,6 +92,7 @@ def collect(plan: Plan, state: State) -> list[RunResult]:
     for run in plan.runs:
         name = run.results_name
         top1 = {row["protocol"]: float(row["top1"]) for row in rows if row["run"] == name}
+        top1 |= transfer_top1(plan.store, name)
         pretrained = run.reference is None
         results.append(RunResult(run, {protocol: top1[protocol] for protocol in run.protocols if protocol in top1},
                                  mean_scalar(run.run_dir, THROUGHPUT_TAG) if pretrained else None,

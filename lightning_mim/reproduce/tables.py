@@ -14,7 +14,7 @@ import yaml
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.plot import plot_compare
 from lightning_mim.reproduce.presets import shown
-from lightning_mim.reproduce.results import PROTOCOL_NAMES, RowResult, RunResult, by_row, collect
+from lightning_mim.reproduce.results import RowResult, RunResult, by_row, collect, protocol_name
 from lightning_mim.reproduce.state import State, fingerprint
 from lightning_mim.reproduce.stats import Summary
 from lightning_mim.reproduce.verdicts import verdict_records, verdicts_markdown
@@ -63,7 +63,7 @@ def top1_cells(value: Summary | str) -> list[str]:
 def table_lines(plan: Plan, rows: list[RowResult], with_paper: bool) -> tuple[list[str], list[list[str]]]:
     header = ["row", "method", "this run"]
     for protocol in plan.protocols:
-        name = PROTOCOL_NAMES[protocol]
+        name = protocol_name(protocol)
         header += [f"{name} top-1", f"{name} std", f"{name} n"]
         if with_paper:
             header.append(f"{name} top-1, paper")

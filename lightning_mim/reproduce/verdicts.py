@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning_mim.reproduce.papers import PAPERS, Row
 from lightning_mim.reproduce.plan import Plan
-from lightning_mim.reproduce.results import PROTOCOL_NAMES, RowResult
+from lightning_mim.reproduce.results import RowResult, protocol_name
 from lightning_mim.reproduce.stats import NO_RESULT, Summary, judge, shown_summary
 
 NOT_RUN = "not run"
@@ -125,6 +125,6 @@ def verdicts_markdown(records: list[dict[str, Any]]) -> str:
         difference = "-" if record["difference"] is None else f"{record['difference']:+.2f}"
         two_se = "-" if record["two_se"] is None else f"{record['two_se']:.2f}"
         lines.append(f"| {record['claim']} | {record['better_row']} > {record['worse_row']} | "
-                     f"{PROTOCOL_NAMES[record['protocol']]} | {summaries[0]} | {summaries[1]} | "
+                     f"{protocol_name(record['protocol'])} | {summaries[0]} | {summaries[1]} | "
                      f"{difference} | {two_se} | {record['verdict']} |")
     return "\n".join(lines) + "\n"
