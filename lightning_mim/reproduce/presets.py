@@ -1,8 +1,8 @@
 """How a table row is pre-trained and evaluated at each scale: the `lightning-mim fit` and `evaluate` arguments of
 PRESET=smoke (synthetic images, a few steps: seconds per row), demo (Fashion-MNIST on the CPU with the micro demo
 recipes: minutes per row), gpu (the demo recipes on one GPU, three seeds, at budgets meant for the losses and
-evaluations to flatten: estimates, not yet checked on a GPU) and paper (ImageNet with the paper's recipe at the paper's effective batch, on GPUS x NODES GPUs through
-torchrun or SLURM)."""
+evaluations to flatten: estimates, not yet checked on a GPU) and paper (ImageNet with the paper's recipe at the
+paper's effective batch, on GPUS x NODES GPUs through torchrun or SLURM)."""
 from __future__ import annotations
 
 import os
