@@ -66,7 +66,7 @@ def test_gpu_steps_seeds_and_bad_input(tmp_path: Path) -> None:
     assert (Setup("gpu").default_seeds, Setup("demo").default_seeds, Setup("paper", data="/x").default_seeds) == (
         3, 1, 1)
     assert Setup("gpu", steps=500).demo_steps == 500 and Setup("demo").demo_steps == 300
-    with pytest.raises(ReproduceError, match="STEPS sets the demo / gpu budget"):
+    with pytest.raises(ReproduceError, match="STEPS sets the demo budget"):
         Setup("paper", data="/data/imagenet", steps=10)
     with pytest.raises(ReproduceError, match="SLURM=1 applies to PRESET=paper only"):
         Setup("gpu", slurm=True)

@@ -50,9 +50,9 @@ SMALL_FINETUNE = "configs/eval/finetune_demo_fmnist.yaml"
 # seeds. Its budgets are ESTIMATES, NOT YET CHECKED ON A GPU (none was available), and not measured to a plateau on the
 # CPU either (docs/reproduce.md, "PRESET=gpu"): the demo pre-training losses still fall at the demo's 300 steps (SimMIM
 # 0.486 -> 0.455 over steps 249-299), so the gpu preset pre-trains ten times longer (13 epochs of Fashion-MNIST); the
-# fine-tuning recipe reached 2 epochs of a 5,120-image subset (28.8 %, 49.9 %) in 9 minutes on a loaded CPU core, still
-# rising steeply, and no third in the next 25, so its 30 epochs of 60,000 images are an estimate. Each fine-tuning writes
-# curve.csv: check its last epochs before trusting a column.
+# fine-tuning recipe reached 2 epochs of a 5,120-image subset (28.8 %, 49.9 %) in 9 minutes on a loaded CPU core,
+# still rising steeply, and no third in the next 25, so its 30 epochs of 60,000 images are an estimate. Each
+# fine-tuning writes curve.csv: check its last epochs before trusting a column.
 GPU_STEPS = 3000
 GPU_FINETUNE_EPOCHS = 30
 GPU_SEEDS = 3
@@ -102,9 +102,9 @@ class Setup:
         if self.slurm and self.preset != "paper":
             raise ReproduceError(f"SLURM=1 applies to PRESET=paper only (PRESET={self.preset} runs on this machine)")
         if self.steps is not None and (self.preset not in ("demo", "gpu") or self.steps < 1):
-            raise ReproduceError(f"STEPS sets the demo / gpu budget: a positive number with PRESET=demo or gpu (got "
-                                 f"STEPS={self.steps} with PRESET={self.preset}; the paper preset runs each recipe's "
-                                 f"epochs)")
+            raise ReproduceError(f"STEPS sets the demo budget (and the gpu one): a positive number with PRESET=demo "
+                                 f"or gpu (got STEPS={self.steps} with PRESET={self.preset}; the paper preset runs "
+                                 f"each recipe's epochs)")
         if self.preset == "gpu" and self.data and Path(self.data).is_dir() and not small_data(self.data)[0]:
             raise ReproduceError(f"DATA={self.data} holds neither the Fashion-MNIST idx files nor train/ and val/ (an "
                                  f"ImageFolder): point DATA at one of those, or leave it out for Fashion-MNIST")
@@ -259,7 +259,8 @@ def supervised_evaluation(setup: Setup) -> EvalSpec | None:
     the row's random initialisation fine-tuned with the same recipe, epochs and data as the pre-trained rows; None
     where the preset cannot afford a converged fine-tuning (smoke; demo: a CPU core fine-tunes at 0.3 steps/s or
     less, so the 7,000 steps of 30 epochs of 60,000 images take 6 h or more, and the CPU demo publishes no
-    fine-tuning column; paper: a fine-tuning recipe is no supervised ImageNet recipe, whose numbers the specs quote). The encoder must be at the rows' image size (32 px): `random:<a demo row's run folder>/config.yaml`
+    fine-tuning column; paper: a fine-tuning recipe is no supervised ImageNet recipe, whose numbers the specs
+    quote). The encoder must be at the rows' image size (32 px): `random:<a demo row's run folder>/config.yaml`
     (the config its `fit` saved), or a recipe with `--model.backbone.img_size 32` baked in; `--adapt-images` lets
     a random encoder, which records no pre-training data, read Fashion-MNIST resized to 32 px as the rows do."""
     if setup.preset == "gpu":
