@@ -50,10 +50,12 @@ bench: install
 # A paper's table rows (pre-training, then `lightning-mim evaluate`) and its table in runs/reproduce/<preset>/<paper>/;
 # `compare`: every method under one budget and one evaluation, table and plot in runs/reproduce/<preset>/compare/.
 # The runs themselves are shared by every table of a preset (runs/reproduce/<preset>/<row>/).
-# PRESET=smoke|demo|paper (default: paper when DATA is given, else demo), DATA=, GPUS= (per node), NODES=, SLURM=1,
+# PRESET=smoke|demo|gpu|paper (default: paper when DATA is given, else demo; gpu: the demo rows on one GPU in bf16
+# with fine-tuning, budgets not yet checked on a GPU, see docs/reproduce.md), DATA=, GPUS= (per node), NODES=, SLURM=1,
 # DRY_RUN=1 (print the commands only), ROWS=a,b, FIT_ARGS= / EVAL_ARGS= (more fit / evaluate arguments), STEPS=
-# (the demo budget, default 300), JOBS= (rows at once, default 1), SEEDS= (runs of every row, seeded 0..SEEDS-1:
-# tables give mean, std and n, and each paper claim's verdict; default 1), EPOCHS= (compare's budget at paper scale),
+# (the demo / gpu budget, default 300 / 3000), JOBS= (rows at once, default 1; with PRESET=gpu on one GPU), SEEDS=
+# (runs of every row, seeded 0..SEEDS-1: tables give mean, std and n, and each paper claim's verdict; default 1,
+# 3 with PRESET=gpu), EPOCHS= (compare's budget at paper scale),
 # CPUS_PER_GPU= (SLURM=1: --cpus-per-task of every job; default: the nodes' CPUs per GPU from sinfo, else 10),
 # TRANSFER_DATA=name=folder,... (reproduce targets, PRESET=paper: every MAE / LUT pre-training also fine-tuned on each
 # ImageFolder, e.g. inat2018=/data/inat2018,cub200=/data/cub200; a column per set). Unset ones take the driver's

@@ -167,3 +167,29 @@ def test_posterize_at_magnitude_ten_gives_black_instead_of_a_pillow_error() -> N
     op.prob, op.magnitude_std = 1.0, 0.0
     image = Image.new("RGB", (8, 8), (200, 100, 50))
     assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_padded_crop_views_are_shifted_flipped_copies_of_the_resized_image() -> None:
+    config = BackboneConfig(size="micro", img_size=32, patch_size=4, in_chans=1)
+    views = FineTune(config, num_classes=10, auto_augment=None, re_prob=0.0, crop="padded",
+                     crop_padding=4).train_transform((0.0,), (1.0,))
+    image = Image.fromarray(np.random.default_rng(0).integers(1, 256, (28, 28), dtype=np.uint8), mode="L")
+    resized = torch.from_numpy(np.asarray(image.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0)
+    padded = torch.nn.functional.pad(resized, (4, 4, 4, 4))  # black border: 0 after Normalize((0,), (1,))
+    seen = set()
+    for seed in range(12):
+        L.seed_everything(seed, verbose=False)
+        view = views(image)
+        assert view.shape == (1, 32, 32)
+        crops = {(top, left, flip): padded[top:top + 32, left:left + 32] for top in range(9) for left in range(9)
+                 for flip in (False, True)}
+        matches = [key for key, crop in crops.items()
+                   if torch.allclose(crop.flip(-1) if key[2] else crop, view[0], atol=1e-6)]
+        assert len(matches) == 1, matches
+        seen.add(matches[0])
+    assert len(seen) > 6  # the offsets and flips are drawn, not fixed
+
+
+def test_padded_crop_refuses_randaugment() -> None:
+    with pytest.raises(ValueError, match="crop 'padded' takes no RandAugment"):
+        FineTune(MICRO, num_classes=10, crop="padded")

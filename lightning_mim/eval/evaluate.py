@@ -27,7 +27,9 @@ Linear / fine-tune recipes (`--linear-config`, `--finetune-config`, YAML with `m
 keyword arguments, `data:` and `trainer:`) default to the Fashion-MNIST demo recipes; `--epochs` (or `--linear-epochs`,
 `--finetune-epochs`) overrides their `trainer.max_epochs`. A recipe's top-level `effective_batch` (the paper's) is kept
 on any `--devices` x `--num-nodes` through the per-device batch and gradient accumulation; its
-`trainer.check_val_every_n_epoch` (default: the last epoch only) sets how often the val set is scored.
+`trainer.check_val_every_n_epoch` (default: the last epoch only) sets how often the val set is scored; each scored
+epoch adds a line to `curve.csv` (epoch, val top-1 / top-5 / loss, last train loss and lr) in the protocol's working
+folder, whose `tensorboard/` holds the same curves for TensorBoard.
 
 `robustness` (scored last): top-1 under the ImageNet-C corruptions and on `--shift-dir` folders with the classifiers
 of the other protocols of the call (`lightning_mim.eval.robustness`).
@@ -59,6 +61,7 @@ import yaml
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.batch import trained_batch
+from lightning_mim.eval.curve import ValidationCurve, curve_logger
 from lightning_mim.eval.encoders import Encoder, resolve_encoder, row_identity
 from lightning_mim.eval.features import (
     PIXELS, FrozenFeatures, encoder_feature_fn, flatten_pixels, pixel_datamodule,
@@ -177,8 +180,8 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
                          **(recipe.get("model") or {}))
     resumable = resumable_trainer_arguments(folder)
     best = BestTop1()
-    resumable["callbacks"] += [best, *callbacks]
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_model_summary=False,
+    resumable["callbacks"] += [best, ValidationCurve(folder), *callbacks]
+    trainer = L.Trainer(max_epochs=epochs, logger=curve_logger(folder), enable_model_summary=False,
                         enable_progress_bar=options.progress, num_sanity_val_steps=0,
                         check_val_every_n_epoch=validate_every, **(trainer_args | resumable))
     ckpt_path = resume_path(folder)

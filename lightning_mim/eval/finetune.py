@@ -1,7 +1,8 @@
 """End-to-end fine-tuning of a pre-trained encoder as a timm VisionTransformer classifier, or timm's Beit for an
 encoder with a relative position bias (MAE / LUT / SimMIM recipes):
 layer-wise lr decay, AdamW, per-step warm-up + cosine, Mixup / CutMix with label smoothing, RandAugment and random
-erasing, optional model EMA.
+erasing, optional model EMA. Small grey images (the Fashion-MNIST demo) take `crop="padded"` instead: a random crop of
+the image padded by `crop_padding` pixels and a horizontal flip, the usual augmentation of 28-32 px datasets.
 
 Learning-rate rule, set through `optim` (an `OptimConfig`): MAE uses the linear rule lr = blr x eff_batch / 256
 (`lr_scaling: linear`, `lr_reference_batch: 256`); LUT uses lr = blr x sqrt(eff_batch) / 8, i.e. the square-root rule
@@ -18,6 +19,7 @@ from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
@@ -62,6 +64,9 @@ class FineTune(ClassifierModule):
     An encoder with a relative position bias (`backbone.rel_pos_bias`) becomes timm's `Beit`; `rel_pos_bias`
     ("shared" / "per_block") sets its layout there, None keeps the pre-training's: "per_block" copies a shared table
     to every block, as microsoft/SimMIM's fine-tuning does. It has no effect on an encoder without one.
+
+    `crop`: "random_resized" (MAE's views, see `train_transform`) or "padded" (random crop with `crop_padding`
+    zero pixels each side + flip + random erasing; no RandAugment, so `auto_augment` must be null).
     """
 
     def __init__(self, backbone: BackboneConfig | dict[str, Any], num_classes: int, pretrained: str | None = None,
@@ -71,7 +76,8 @@ class FineTune(ClassifierModule):
                  mixup_mode: str = "batch", smoothing: float = 0.1,
                  auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
                  ema_decay: float | None = None, head_init_std: float = 2e-5,
-                 rel_pos_bias: Literal["shared", "per_block"] | None = None) -> None:
+                 rel_pos_bias: Literal["shared", "per_block"] | None = None,
+                 crop: Literal["random_resized", "padded"] = "random_resized", crop_padding: int = 4) -> None:
         optim = optim if isinstance(optim, OptimConfig) else finetune_optim(**(optim or {}))
         super().__init__(backbone, num_classes, optim)
         self.save_hyperparameters(to_plain({
@@ -79,12 +85,19 @@ class FineTune(ClassifierModule):
             "global_pool": global_pool, "drop_path_rate": drop_path_rate, "layer_decay": layer_decay, "optim": optim,
             "mixup": mixup, "cutmix": cutmix, "mixup_prob": mixup_prob, "mixup_switch_prob": mixup_switch_prob,
             "mixup_mode": mixup_mode, "smoothing": smoothing, "auto_augment": auto_augment, "re_prob": re_prob,
-            "ema_decay": ema_decay, "head_init_std": head_init_std, "rel_pos_bias": rel_pos_bias}))
+            "ema_decay": ema_decay, "head_init_std": head_init_std, "rel_pos_bias": rel_pos_bias, "crop": crop,
+            "crop_padding": crop_padding}))
         if global_pool not in ("avg", "token"):
             raise ValueError(f"unknown global_pool {global_pool!r}: choose 'avg' or 'token'")
         if rel_pos_bias not in (None, "shared", "per_block"):
             raise ValueError(f"unknown rel_pos_bias {rel_pos_bias!r}: choose 'shared', 'per_block' or null (keep)")
+        if crop not in ("random_resized", "padded"):
+            raise ValueError(f"unknown crop {crop!r}: choose 'random_resized' or 'padded'")
+        if crop == "padded" and auto_augment is not None:
+            raise ValueError(f"crop 'padded' takes no RandAugment (auto_augment {auto_augment!r}): set auto_augment: "
+                             f"null, or crop: random_resized")
         self.layer_decay, self.auto_augment, self.re_prob = layer_decay, auto_augment, re_prob
+        self.crop, self.crop_padding = crop, crop_padding
         head = {"num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path_rate}
         has_rel_pos = self.backbone_config.rel_pos_bias != "none"
         self.model = (build_timm_beit(self.backbone_config, rel_pos_bias, **head) if has_rel_pos else
@@ -145,6 +158,8 @@ class FineTune(ClassifierModule):
         timm's RandAugment works on RGB images only. A one-channel image therefore goes through the RGB pipeline as
         three equal channels (every op, bicubic resizing included, keeps them equal) and channel 0 is kept.
         """
+        if self.crop == "padded":
+            return self.padded_crop_transform(mean, std)
         if self.in_chans not in (1, 3):
             raise ValueError(f"fine-tuning views need 1 or 3 channels, got {self.in_chans}")
         channels = 3 // self.in_chans
@@ -159,6 +174,17 @@ class FineTune(ClassifierModule):
         if self.in_chans == 3:
             return rgb
         return transforms.Compose([ToMode("RGB"), rgb, FirstChannel()])
+
+    def padded_crop_transform(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+        """`crop="padded"`: the image at the model's size (bicubic resize of the shorter side + centre crop, the
+        evaluation's geometry for a square image), a random crop of it padded by `crop_padding` black pixels, a
+        horizontal flip, then random erasing (pixel mode, one erase, probability `re_prob`)."""
+        size = self.image_size
+        return transforms.Compose([
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+            transforms.RandomCrop(size, padding=self.crop_padding), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(mean, std),
+            RandomErasing(self.re_prob, mode="pixel", max_count=1, device="cpu")])
 
 
 def posterize_zero_bits_black(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
