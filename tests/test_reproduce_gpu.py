@@ -35,7 +35,7 @@ def resolved_trainer(fit_words: list[str]) -> dict:
 def test_gpu_compare_pretrains_every_row_on_one_gpu_in_bf16_at_the_gpu_budget(tmp_path: Path) -> None:
     plan = plan_compare(Setup("gpu"), tmp_path)
     assert CORE_ROWS <= {run.key for run in plan.runs}
-    for run in plan.runs:
+    for run in (run for run in plan.runs if run.reference is None):
         words = run.pretrain.command[run.pretrain.command.index("fit"):]
         assert value_after(words, "--trainer.max_steps") == str(GPU_STEPS) == "3000"
         assert value_after(words, "--model.backbone.img_size") == "32"
@@ -50,7 +50,7 @@ def test_gpu_compare_pretrains_every_row_on_one_gpu_in_bf16_at_the_gpu_budget(tm
 
 def test_gpu_rows_are_evaluated_by_knn_logreg_and_the_small_fine_tuning_on_the_gpu(tmp_path: Path) -> None:
     plan = plan_compare(Setup("gpu"), tmp_path)
-    for run in plan.runs:
+    for run in (run for run in plan.runs if run.reference is None):
         assert run.protocols == ("knn", "logreg", "finetune")
         for stage in run.stages[-2:]:
             words = stage.command[stage.command.index("evaluate"):]
@@ -97,3 +97,24 @@ def test_supervised_row_is_fine_tuned_like_the_rows_on_the_gpu_only(tmp_path: Pa
     # the same recipe, epochs, data and device as the pre-trained rows, plus --adapt-images for the 32-px encoder
     assert list(spec.args[:-1]) == row_finetune[row_finetune.index("finetune") + 1:]
     assert spec.args[-1] == "--adapt-images"
+
+
+def test_gpu_dry_run_through_the_driver_runs_three_seeds_and_the_supervised_reference(tmp_path: Path) -> None:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        cli_main(["compare", "--preset", "gpu", "--rows", "mae", "--dry-run", "--out", str(tmp_path)])
+    lines = printed.getvalue().splitlines()
+    stages = [line.split("  log:")[0].removeprefix("[dry run] ") for line in lines if line.startswith("[dry run]")]
+    evaluations = ("evaluate knn,logreg", "evaluate finetune")
+    assert stages == [
+        *(f"mae{seed}/{stage}" for seed in ("", "/seed1", "/seed2") for stage in ("pretrain", *evaluations)),
+        *(f"supervised_mae{seed}/evaluate finetune" for seed in ("", "/seed1", "/seed2")),
+        *(f"mae_random_init{seed}/evaluate knn,logreg" for seed in ("", "/seed1", "/seed2")),
+        *(f"pixels{seed}/evaluate knn,logreg" for seed in ("", "/seed1", "/seed2"))]
+    supervised = next(lines[index + 1].split() for index, line in enumerate(lines)
+                      if line.startswith("[dry run] supervised_mae/seed1/"))
+    assert value_after(supervised, "--ckpt").startswith("random:") and value_after(supervised, "--ckpt").endswith(
+        "/config.yaml")
+    assert value_after(supervised, "--protocols") == "finetune" and value_after(supervised, "--seed") == "1"
+    assert "--adapt-images" in supervised and value_after(supervised, "--accelerator") == "gpu"
+    assert any(line.startswith("# PRESET=gpu:") and "not yet checked on a GPU" in line for line in lines)

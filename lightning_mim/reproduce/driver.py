@@ -40,7 +40,7 @@ from pathlib import Path
 from lightning_mim.reproduce.papers import PAPERS
 from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage
 from lightning_mim.reproduce.planning import plan_compare, plan_paper
-from lightning_mim.reproduce.presets import DEMO_STEPS, ReproduceError, Setup, shown
+from lightning_mim.reproduce.presets import DEMO_STEPS, GPU_STEPS, PRESETS, ReproduceError, Setup, shown
 from lightning_mim.reproduce.slurm import DEFAULT_CPUS_PER_GPU, SlurmJobError, node_cpus_per_gpu, submit, wait_for_job
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.tables import finish_compare, finish_paper
@@ -156,10 +156,10 @@ def run_plan(plan: Plan, dry_run: bool, jobs: int = 1) -> State:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=("smoke", "demo", "paper"), default=None,
+    parser.add_argument("--preset", choices=PRESETS, default=None,
                         help="default: paper when --data is given, else demo")
     parser.add_argument("--data", default=None, help="paper: ImageNet ImageFolder or make-shards folder; demo: the "
-                                                     "Fashion-MNIST folder")
+                                                     "Fashion-MNIST folder; gpu: that or an ImageFolder")
     parser.add_argument("--gpus", type=int, default=8, help="paper: GPUs per node")
     parser.add_argument("--nodes", type=int, default=1, help="paper: nodes")
     parser.add_argument("--slurm", action="store_true", help="paper: submit experiments/slurm_pretrain.sbatch")
@@ -168,13 +168,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              f"reports them, else {DEFAULT_CPUS_PER_GPU})")
     parser.add_argument("--dry-run", action="store_true", help="print every command without running it")
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all)")
-    parser.add_argument("--steps", type=int, default=None, help=f"demo: pre-training steps of every row (default "
-                                                                 f"{DEMO_STEPS})")
+    parser.add_argument("--steps", type=int, default=None, help=f"demo / gpu: pre-training steps of every row "
+                                                                 f"(default {DEMO_STEPS} / {GPU_STEPS})")
     parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each with its share of the CPU "
                                                             "threads")
-    parser.add_argument("--seeds", type=int, default=1, help="runs of every row, pre-training and evaluation seeded "
-                                                             "0..N-1: tables give mean, std and n, and each claim's "
-                                                             "verdict (seed 0 is the single-seed run)")
+    parser.add_argument("--seeds", type=int, default=None, help="runs of every row, pre-training and evaluation "
+                                                                "seeded 0..N-1: tables give mean, std and n, and "
+                                                                "each claim's verdict (seed 0 is the single-seed run; "
+                                                                "default 1, 3 with --preset gpu)")
     parser.add_argument("--out", default="runs/reproduce", help="runs in <out>/<preset>/, tables in "
                                                                 "<out>/<preset>/<paper>/")
     parser.add_argument("--fit-args", default="", help="more `lightning-mim fit` arguments for every pre-training")
@@ -186,6 +187,11 @@ def setup_of(options: argparse.Namespace) -> Setup:
     cpus = options.cpus_per_gpu or (node_cpus_per_gpu() if options.slurm else None) or DEFAULT_CPUS_PER_GPU
     return Setup(preset, options.data, options.gpus, options.nodes, options.slurm,
                  tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)), options.steps, cpus)
+
+
+def seeds_of(options: argparse.Namespace, setup: Setup) -> int:
+    """SEEDS as given, else the preset's default."""
+    return setup.default_seeds if options.seeds is None else options.seeds
 
 
 def main(argv: list[str] | None = None) -> list[Plan]:
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[Plan]:
         rows = options.rows.split(",") if options.rows else None
         transfer = parse_transfer_data(options.transfer_data)
         for paper in PAPERS.values() if options.paper == "all" else [PAPERS[options.paper]]:
-            plan = plan_paper(paper, setup, Path(options.out), rows, options.seeds)
+            plan = plan_paper(paper, setup, Path(options.out), rows, seeds_of(options, setup))
             add_transfer(plan, transfer)
             state = run_plan(plan, options.dry_run, options.jobs)
             if not options.dry_run:
@@ -222,8 +228,9 @@ def main_compare(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--epochs", type=int, default=800, help="paper: the pre-training budget of every method")
     options = parser.parse_args(argv)
     try:
-        plan = plan_compare(setup_of(options), Path(options.out), options.rows.split(",") if options.rows else None,
-                            options.epochs, options.seeds)
+        setup = setup_of(options)
+        plan = plan_compare(setup, Path(options.out), options.rows.split(",") if options.rows else None,
+                            options.epochs, seeds_of(options, setup))
         state = run_plan(plan, options.dry_run, options.jobs)
         if not options.dry_run:
             finish_compare(plan, state)

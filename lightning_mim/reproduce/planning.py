@@ -13,8 +13,8 @@ from lightning_mim.reproduce.papers import (
 )
 from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage, check_seeds, seed_label, seeds_note
 from lightning_mim.reproduce.presets import (
-    EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
-    torchrun_command,
+    EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown, small_data,
+    supervised_evaluation, torchrun_command,
 )
 from lightning_mim.reproduce.state import fingerprint
 
@@ -89,7 +89,8 @@ def demo_run(setup: Setup, store: Path, demo: DemoRow, references: tuple[Row, ..
     run = plan_run(setup, store, demo.key, demo.method, demo.recipe, demo_backbone(setup), references, None,
                    evaluations(setup, None), extra, seed)
     if demo.codebook:
-        words = [shown(path), *DEMO_CODEBOOK, "--source", "fashion_mnist",
+        imagefolder = small_data(setup.data)[1][:2] == ["--data.source", "imagefolder"]
+        words = [shown(path), *DEMO_CODEBOOK, "--source", "imagefolder" if imagefolder else "fashion_mnist",
                  *(("--data-dir", setup.data) if setup.data else ()),
                  *(("--max-images", "2000") if setup.preset == "smoke" else ())]
         run.stages.insert(0, Stage(f"tokenizer/{path.stem}", cli_command("tokenizer", "fit", *words),
@@ -121,14 +122,33 @@ def reference_stage(setup: Setup, store: Path, label: str, ckpt: str, spec: Eval
                  after=after)
 
 
+def supervised_runs(setup: Setup, store: Path, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """Supervised from scratch, where the preset affords a converged fine-tuning (`supervised_evaluation`): the
+    table's first row's encoder at its random initialisation, fine-tuned like the pre-trained rows, at each seed."""
+    spec = supervised_evaluation(setup)
+    if spec is None:
+        return []
+    firsts = {run.seed: run for run in reversed(runs)}
+    supervised = []
+    for seed, run in sorted(firsts.items()):
+        ckpt = f"random:{shown(run.run_dir / 'config.yaml')}"
+        log = run.run_dir / "evaluate-supervised-finetune.log"
+        stage = reference_stage(setup, store, seed_label(f"supervised_{run.key}", seed), ckpt, spec, log, seed,
+                                (run.pretrain.fingerprint,), run.pretrain.key)
+        supervised.append(PlannedRun(f"supervised_{run.key}", f"supervised from scratch ({run.method}'s init)",
+                                     run.backbone, (), run.run_dir, "the random initialisation fine-tuned", 1,
+                                     ("finetune",), [stage], seed, ckpt))
+    return supervised
+
+
 def reference_runs(setup: Setup, store: Path, runs: list[PlannedRun], spec: EvalSpec | None) -> list[PlannedRun]:
     """The rows that say whether pre-training helped, evaluated like the pre-trained rows (`spec`: k-NN and the
     logistic-regression probe): each pre-trained row's encoder at its random initialisation (the run's own saved
     config, so its seed, size and recipe; `random:` reads it after the pre-training wrote it), and the raw pixels
     at each seed of the table (not at paper scale: 150,528-dimensional features of 1.28 M images)."""
+    references = supervised_runs(setup, store, runs)
     if spec is None:
-        return []
-    references = []
+        return references
     for run in runs:
         key, config_path = f"{run.key}_random_init", run.run_dir / "config.yaml"
         ckpt = f"random:{shown(config_path)}"
@@ -155,8 +175,12 @@ def references_notes(setup: Setup, spec: EvalSpec | None) -> list[str]:
         return []
     pixels = ("raw pixels: not at paper scale (150,528-dimensional features of 1.28 M images)"
               if setup.preset == "paper" else "pixels: the same protocols on the normalised images, flattened")
+    supervised = ("supervised_<first row>: that row's random initialisation fine-tuned like the rows"
+                  if supervised_evaluation(setup) else "supervised from scratch: not at this preset (no converged "
+                  "fine-tuning on the CPU; PRESET=gpu runs it)" if setup.preset in ("smoke", "demo") else
+                  "supervised from scratch: the specs' supervised ImageNet baselines are not re-run")
     return [f"Reference rows ({spec.protocols}): <row>_random_init: the row's encoder at its seeded random "
-            f"initialisation (the same recipe, not trained); {pixels}."]
+            f"initialisation (the same recipe, not trained); {pixels}; {supervised}."]
 
 
 def select(runs: list[PlannedRun], rows: Sequence[str] | None) -> list[PlannedRun]:
@@ -175,9 +199,15 @@ def preset_note(setup: Setup) -> str:
         note = (f"PRESET=paper: ImageNet-1k at {setup.data}, {setup.gpus} GPUs x {setup.nodes} nodes, each row at "
                 f"its paper's effective batch.")
     else:
-        scale = ("PRESET=smoke: synthetic images, 6 steps; a test of the pipeline" if setup.preset == "smoke" else
-                 f"PRESET=demo: Fashion-MNIST at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, 4 deep, "
-                 f"patch 4), each method's demo recipe for {setup.demo_steps} steps of batch 256 on the CPU")
+        scale = {"smoke": "PRESET=smoke: synthetic images, 6 steps; a test of the pipeline",
+                 "demo": f"PRESET=demo: Fashion-MNIST at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, "
+                         f"4 deep, patch 4), each method's demo recipe for {setup.demo_steps} steps of batch 256 on "
+                         f"the CPU",
+                 "gpu": f"PRESET=gpu: {'DATA=' + setup.data + ' (read as grey images)' if setup.data else 'Fashion-MNIST'}"
+                        f" at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, 4 deep, patch 4), each "
+                        f"method's demo recipe for {setup.demo_steps} steps of batch 256 on one GPU (bf16); "
+                        f"fine-tuning: the small-scale recipe; budgets are estimates, not yet checked on a GPU"}[
+            setup.preset]
         note = f"{scale}. These are NOT paper numbers and are not comparable with the paper's ImageNet-1k numbers."
     for name, words in (("FIT_ARGS", setup.fit_args), ("EVAL_ARGS", setup.eval_args)):
         if words:
