@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,tokenizers,jpeg,robustness]' -c constraints.txt
+	@# OpenCV (imported by imagecorruptions, the robustness protocol) loads libGL.so.1 and libgthread-2.0
+	@$(BIN)/python -c "import cv2" 2>/dev/null || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        (apt-get update -qq && apt-get install -y -qq libgl1 libglib2.0-0) >/dev/null; \
+	    else echo "OpenCV cannot load: install its system libraries: sudo apt-get install libgl1 libglib2.0-0"; fi; }
 	touch $(STAMP)
 
 # Fashion-MNIST, the default data, from the Debian package dataset-fashion-mnist: installed system-wide when apt can
