@@ -85,7 +85,7 @@ def add_transfer(plan: Plan, transfer: tuple[tuple[str, str], ...]) -> None:
     if plan.setup.preset != "paper":
         raise ReproduceError(f"TRANSFER_DATA fine-tunes the paper-scale pre-trainings: use it with PRESET=paper "
                              f"(got PRESET={plan.setup.preset})")
-    for run in plan.runs:
+    for run in (run for run in plan.runs if run.reference is None):
         recipe = TRANSFER_RECIPES.get(run.method)
         if recipe is not None:
             run.stages += [transfer_stage(run, plan, recipe, name, folder) for name, folder in transfer]
