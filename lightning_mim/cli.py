@@ -73,7 +73,10 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
         parser.add_lightning_class_args(CompileLosses, "compile")
         parser.add_lightning_class_args(TextProgress, "progress")
-        parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
+        # no hp_metric: with it Lightning writes an HParams experiment summary into the run, and one such summary in
+        # a folder hides every other run's hyper-parameters in TensorBoard's HParams tab (see reproduce/hparams.py)
+        parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs",
+                                                             default_hp_metric=False)})
 
     def before_instantiate_classes(self) -> None:
         """Settings that depend on the recipe and on how the processes were launched: logger names, the trainer's
