@@ -66,7 +66,6 @@ MICRO_FIT = ["--data.source", "synthetic", "--data.synthetic_size", "64", "--dat
 @pytest.mark.parametrize("method, grids, losses", [
     ("MAE", {"val/reconstruction"}, {"train_pixel/loss_mim"}),
     ("BeyondMasking", {"val/reconstruction", "val/degradation"}, {"train_pixel/loss_centre", "train_pixel/loss_edge"}),
-    ("BEiT", {"val/reconstruction"}, {"train_token/loss_mim"}),
 ])
 def test_a_run_without_validation_writes_its_grids_at_its_last_step(tmp_path, method, grids, losses):
     cli = run_cli(["fit", "--config", str(ROOT / "configs/trainer/cpu.yaml"), *micro_cli_model(method), *MICRO_FIT,

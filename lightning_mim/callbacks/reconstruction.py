@@ -72,7 +72,8 @@ class ReconstructionImages(L.Callback):
         self.write_grids(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.logged_step == trainer.global_step:
+        if (not trainer.is_global_zero or self.logged_step == trainer.global_step
+                or not any(hasattr(logger.experiment, "add_image") for logger in trainer.loggers)):
             return
         if self.images is None:
             self.images = self._first_validation_images(trainer)
