@@ -124,23 +124,35 @@ def write_tables(plan: Plan, rows: list[RowResult], with_paper: bool) -> Path:
     return table
 
 
+def result_config(result: RunResult) -> dict[str, Any]:
+    saved = result.run.run_dir / "config.yaml"
+    return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+
+
+def recipe_name(run: PlannedRun) -> str:
+    """The recipe of a run's pre-training, e.g. `lut/vit_micro_p4_demo_fmnist` (its last `--config`)."""
+    command = run.pretrain.command
+    configs = [word for before, word in zip(command, command[1:]) if before == "--config"]
+    return "/".join(Path(configs[-1]).parts[-2:]).removesuffix(".yaml") if configs else ""
+
+
 def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
     """Each run's hyper-parameters (its saved config.yaml, `method` and `recipe` first) and final metrics in its
     TensorBoard run's HParams tab, as a session-start record only, so the tab's columns are the union over the
     folder's runs (`hparams`); written once per set of metrics (the fit itself logs no hp_metric:
     `default_hp_metric false`). No `paper` column: a run may stand in several tables."""
+    every = {result.run.label: run_hparams(result_config(result), recipe_name(result.run),
+                                           {"row": result.run.key, "preset": plan.setup.preset,
+                                            "seed": result.run.seed}, TRAINER_HPARAMS) for result in results}
+    columns = {name for params in every.values() for name in params}
     for result in results:
         run, metrics = result.run, result.metrics()
         key = f"{run.label}/hparams_session"
         metrics_fingerprint = fingerprint([json.dumps(metrics, sort_keys=True)], run.pretrain.fingerprint)
         if state.done(key, metrics_fingerprint):
             continue
-        saved = run.run_dir / "config.yaml"
-        config: dict[str, Any] = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-        configs = [word for before, word in zip(run.pretrain.command, run.pretrain.command[1:]) if before == "--config"]
-        recipe = Path(configs[-1]).stem if configs else ""
-        params = run_hparams(config, recipe, {"row": run.key, "preset": plan.setup.preset, "seed": run.seed},
-                             TRAINER_HPARAMS)
+        # a hyper-parameter of other methods only ("-" here) differs between the runs, so the tab shows it first
+        params = every[run.label] | {name: "-" for name in columns - set(every[run.label])}
         remove_experiment_summaries(run.run_dir, set(metrics))
         write_session(run.run_dir, params, metrics)
         state.record(key, metrics_fingerprint)
