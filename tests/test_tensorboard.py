@@ -7,7 +7,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from jsonargparse._deprecated import JsonargparseDeprecationWarning
