@@ -51,8 +51,9 @@ def run_name(config: Namespace) -> str:
     model (configs/lut/vit_b16_1600ep_in1k.yaml: lut_vit_b16_1600ep_in1k; mae_flowers.yaml: mae_flowers); the
     method's name alone when no file sets the model."""
     method = config.model.class_path.rpartition(".")[2].lower()
-    recipes = [Path(str(path)).stem for path in config.get("config") or []
-               if "model" in (yaml.safe_load(path.get_content()) or {})]
+    # os.fspath: jsonargparse 4 gives the files as its Path objects, 5 as strings (its `get_content` is deprecated)
+    recipes = [Path(os.fspath(path)).stem for path in config.get("config") or []
+               if "model" in (yaml.safe_load(Path(os.fspath(path)).read_text()) or {})]
     if not recipes:
         return method
     return recipes[-1] if recipes[-1].startswith(f"{method}_") else f"{method}_{recipes[-1]}"
@@ -72,7 +73,10 @@ class MIMCLI(LightningCLI):
         parser.add_lightning_class_args(ReconstructionImages, "reconstruction")
         parser.add_lightning_class_args(CompileLosses, "compile")
         parser.add_lightning_class_args(TextProgress, "progress")
-        parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs")})
+        # no hp_metric: with it Lightning writes an HParams experiment summary into the run, and one such summary in
+        # a folder hides every other run's hyper-parameters in TensorBoard's HParams tab (see reproduce/hparams.py)
+        parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs",
+                                                             default_hp_metric=False)})
 
     def before_instantiate_classes(self) -> None:
         """Settings that depend on the recipe and on how the processes were launched: logger names, the trainer's

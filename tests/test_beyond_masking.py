@@ -391,9 +391,10 @@ def test_each_objective_has_no_cuda_synchronisation_outside_logging_steps(object
 def test_degradation_grid_rows():
     model = micro("zoom_out")
     rows = model.reconstruct(torch.randn(3, 3, 16, 16))
-    assert tuple(rows) == model.reconstruction_rows == ("input", "degraded", "target", "reconstruction")
+    assert set(rows) == {"input", "degraded", "degraded_view", "target", "reconstruction"}
+    assert {key for keys in model.image_grids.values() for key in keys} == set(rows)
     assert all(value.shape == (3, 3, 16, 16) for value in rows.values())
-    assert model.reconstruction_tag == "val/degradation"
+    assert list(model.image_grids) == ["val/reconstruction", "val/degradation"]
     grey = micro("decolorize").reconstruct(torch.randn(2, 3, 16, 16))
     assert grey["degraded"].shape == (2, 3, 16, 16)
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import lightning_mim.callbacks.throughput as throughput_module
 from lightning_mim.callbacks import KNNMonitor, ModeGuard, ReconstructionImages, Throughput
 from lightning_mim.eval import extract_features, knn_accuracy
+from lightning_mim.callbacks.reconstruction import LABEL_WIDTH, MIN_TILE
 
 # the fake teacher is in eval mode on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode:UserWarning")
@@ -158,11 +159,13 @@ def test_reconstruction_grid_in_tensorboard(fitted):
     images = fitted.events.Images("val/reconstruction")
     assert len(images) == 2
     assert [event.step for event in images] == [6, 12]
-    padding = 2  # make_grid's default: 4 columns and 3 rows of 8x8 tiles
-    assert (images[-1].width, images[-1].height) == (4 * (SIZE + padding) + padding, 3 * (SIZE + padding) + padding)
+    padding, scale = 2, MIN_TILE // SIZE  # make_grid's padding; 8x8 tiles scaled up to 64x64 (nearest)
+    tile = SIZE * scale + padding
+    assert (images[-1].width, images[-1].height) == (LABEL_WIDTH + 4 * tile + padding, 3 * tile + padding)
     grid = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB")).astype(float)
     first_input = (fitted.data.val_set.tensors[0][0, 0] * STD + MEAN).clamp(0, 1).numpy() * 255
-    rows = [grid[row * (SIZE + padding) + padding:(row + 1) * (SIZE + padding), padding:padding + SIZE, 0]
+    left = LABEL_WIDTH + padding
+    rows = [grid[row * tile + padding:(row + 1) * tile, left:left + SIZE * scale, 0][::scale, ::scale]
             for row in range(3)]
     np.testing.assert_allclose(rows[0], first_input, atol=1.0)
     top, bottom = slice(0, SIZE // 2), slice(SIZE // 2, SIZE)

@@ -46,9 +46,11 @@ RECIPE_KEYS = {
     "beyond_masking": ("BeyondMasking", ("objective:", "class_token: false", "pos_embed: sincos_1d", "qkv_bias: qv",
                                          "init: clipped_normal", "min_lr: 1.0e-05", "knn:")),
 }
-# loss terms each method logs as train/loss_<term> (default: mim) and its image grid (default: val/reconstruction)
-LOSS_TERMS = {"SymMIM": ("mim", "con"), "BeyondMasking": ("centre", "edge")}
-IMAGE_TAGS = {"BeyondMasking": "val/degradation"}
+# loss terms each method logs as <split>_<kind>/loss_<term> (default: pixel/mim) and its image grids
+LOSS_TERMS = {"SymMIM": ("pixel/loss_mim", "feature/loss_con"),
+              "BeyondMasking": ("pixel/loss_centre", "pixel/loss_edge"),
+              "BEiT": ("token/loss_mim",), "MaPeT": ("token/loss_mim",)}
+IMAGE_TAGS = {"BeyondMasking": {"val/reconstruction", "val/degradation"}}
 # Beyond Masking's per-patch, per-channel normalised target starts at its trivial level (small initial outputs) and the
 # noisy 4 x 4 stripes are learnt slowly: 24 steps only lower it (0.992 x); tests/test_beyond_masking.py trains longer
 LOSS_DECREASE = {"BeyondMasking": 1.0}
@@ -74,15 +76,15 @@ def test_fit_logs_common_tags_and_loss_decreases(tmp_path, method):
     assert cli.trainer.global_step == 3 * 8
     events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = set(events.Tags()["scalars"])
-    terms = LOSS_TERMS.get(method, ("mim",))
+    terms = LOSS_TERMS.get(method, ("pixel/loss_mim",))
     assert {"train/loss", "train/lr", "val/loss", "val/knn_top1", "train/throughput_img_s"} <= tags
-    assert {f"{split}/loss_{term}" for split in ("train", "val") for term in terms} <= tags
+    assert {f"{split}_{term}" for split in ("train", "val") for term in terms} <= tags
     if method == "SymMIM":
         assert "train/teacher_momentum" in tags
     if method in ("BEiT", "MaPeT"):
         assert {"train/token_accuracy", "val/token_accuracy"} <= tags
-    assert IMAGE_TAGS.get(method, "val/reconstruction") in events.Tags()["images"]
-    for tag in ("train/loss_mim", "train/loss_con") if method == "SymMIM" else ("train/loss",):
+    assert IMAGE_TAGS.get(method, {"val/reconstruction"}) == set(events.Tags()["images"])
+    for tag in ("train_pixel/loss_mim", "train_feature/loss_con") if method == "SymMIM" else ("train/loss",):
         losses = [event.value for event in events.Scalars(tag)]
         # token methods start at ln V (16 random codes); within 24 steps they learn at least the codes' frequencies
         start = math.log(16) if method in ("BEiT", "MaPeT") else sum(losses[:4]) / 4

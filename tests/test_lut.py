@@ -384,8 +384,8 @@ def test_cli_fit_logs_the_shared_tags(tmp_path):
     assert cli.trainer.global_step == 16 and not cli.model.teacher.training
     events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/loss_mim", "train/loss_bc", "train/lr", "train/teacher_momentum", "val/loss",
-            "val/loss_bc", "val/knn_top1"} <= tags
+    assert {"train/loss", "train_pixel/loss_mim", "train_feature/loss_bc", "train/lr", "train/teacher_momentum",
+            "val/loss", "val_feature/loss_bc", "val/knn_top1"} <= tags
     assert "val/reconstruction" in events.Tags()["images"]
     momenta = [event.value for event in events.Scalars("train/teacher_momentum")]
     assert momenta[0] == pytest.approx(0.996) and all(b >= a for a, b in zip(momenta, momenta[1:]))

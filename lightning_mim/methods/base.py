@@ -1,6 +1,6 @@
 """What every method shares: the backbone, the optimiser and its per-step schedule, the EMA-teacher helpers, and one
-set of TensorBoard tags (`train/loss`, `train/loss_<term>`, `train/lr`, `val/loss`, ...) so runs of different methods
-overlay."""
+set of TensorBoard tags (`train/loss`, `train_<scale>/loss_<term>`, `train/lr`, `val/loss`, ...) so runs of different
+methods overlay."""
 from __future__ import annotations
 
 import abc
@@ -178,6 +178,9 @@ class MIMMethod(StepSchedule, L.LightningModule, abc.ABC):
     Total loss = sum of loss_weights[k] * term."""
 
     default_loss_weights: dict[str, float] = {}
+    # the kind of each loss term (default "pixel"; "token": cross-entropy over a codebook, "feature": a loss between
+    # embeddings): its tag is `<split>_<kind>/loss_<term>`, so terms of incomparable scales share no axis
+    loss_scales: dict[str, str] = {}
     norm_pix_target = False  # True where the method predicts per-patch normalised pixels (MAE's norm_pix_loss)
 
     def __init__(self, backbone: BackboneConfig | dict | None = None, optim: OptimConfig | dict | None = None,
@@ -278,6 +281,11 @@ class MIMMethod(StepSchedule, L.LightningModule, abc.ABC):
         (a token method trained on precomputed ids without its tokenizer): then no validation loss is logged."""
         return images
 
+    def loss_tag(self, split: str, term: str) -> str:
+        """The TensorBoard tag of a loss term, grouped by its kind (`loss_scales`): e.g. `train_pixel/loss_mim`,
+        `train_token/loss_mim`, `val_feature/loss_con`. `train/loss` and `val/loss` are the weighted totals."""
+        return f"{split}_{self.loss_scales.get(term, 'pixel')}/loss_{term}"
+
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights.get(name, 1.0) * value for name, value in losses.items())
 
@@ -294,7 +302,7 @@ class MIMMethod(StepSchedule, L.LightningModule, abc.ABC):
             # a CPU copy for the progress bar: Lightning converts its values to numbers after every batch
             self.log("train/loss", total.detach().cpu(), prog_bar=True, batch_size=batch_size)
             for name, value in losses.items():
-                self.log(f"train/loss_{name}", value, batch_size=batch_size)
+                self.log(self.loss_tag("train", name), value, batch_size=batch_size)
             for name, value in self.metrics.items():
                 self.log(f"train/{name}", value, batch_size=batch_size)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
@@ -351,7 +359,7 @@ class MIMMethod(StepSchedule, L.LightningModule, abc.ABC):
         losses = self.compute_losses(views)
         self.log("val/loss", self.weighted_total(losses), sync_dist=True, batch_size=images.shape[0])
         for name, value in losses.items():
-            self.log(f"val/loss_{name}", value, sync_dist=True, batch_size=images.shape[0])
+            self.log(self.loss_tag("val", name), value, sync_dist=True, batch_size=images.shape[0])
         for name, value in self.metrics.items():
             self.log(f"val/{name}", value, sync_dist=True, batch_size=images.shape[0])
 

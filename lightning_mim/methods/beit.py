@@ -44,6 +44,9 @@ class BEiT(MIMMethod):
     """BEiT-style pre-training on the tokens of `tokenizer`. Defaults: 75 of 196 patches masked in blocks of >= 16
     (the same shares of another grid), MaPeT's crop, colour jitter and optimiser (`MaPeTOptimConfig`)."""
 
+    row_labels = {"reconstruction": "right token: white"}  # `val/reconstruction` shows hits, not pixels
+    loss_scales = {"mim": "token"}
+
     def __init__(self, backbone: BackboneConfig | dict | None = None, optim: MaPeTOptimConfig | dict | None = None,
                  loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg",
                  tokenizer: TokenizerConfig | dict | nn.Module | None = None, vocab_size: int | None = None,

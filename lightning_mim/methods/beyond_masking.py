@@ -60,8 +60,10 @@ class BeyondMasking(MIMMethod):
 
     default_loss_weights = {"centre": 0.8, "edge": 0.2}
     norm_pix_target = True
-    reconstruction_tag = "val/degradation"
-    reconstruction_rows = ("input", "degraded", "target", "reconstruction")
+    # `val/reconstruction` as every method's (encoder input and prediction, with the target it predicts) and the
+    # degradation alone in `val/degradation`
+    image_grids = {"val/reconstruction": ("input", "degraded", "reconstruction", "target"),
+                   "val/degradation": ("input", "degraded_view", "target")}
 
     def __init__(self, backbone: BackboneConfig | dict | None = None,
                  optim: BeyondMaskingOptimConfig | dict | None = None, loss_weights: dict[str, float] | None = None,
@@ -253,8 +255,9 @@ class BeyondMasking(MIMMethod):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The `val/degradation` rows: the image, the encoder input (masked patches blanked, grey shown in every
-        channel), the target on the decoder grid, and the prediction with the target's patch statistics put back."""
+        """The grid rows: the image, the degraded view whole (`degraded_view`) and as the encoder gets it (`degraded`:
+        masked patches blanked; grey shown in every channel), the target on the decoder grid, and the prediction with
+        the target's patch statistics put back."""
         views = self.validation_views(images)
         params = self.draw_degradation(images.shape[0], images.device)
         inputs = self.degrade(views, params)
@@ -263,7 +266,8 @@ class BeyondMasking(MIMMethod):
         degraded = self.backbone.unpatchify(self.patchify(inputs.float()) * keep)
         target = self.target_image(views).float()
         reconstruction = denormalize_patches_per_channel(pred, self.patchify(target), self.in_chans)
-        return {"input": images, "degraded": degraded.expand(-1, self.in_chans, -1, -1), "target": target,
+        return {"input": images, "degraded": degraded.expand(-1, self.in_chans, -1, -1),
+                "degraded_view": inputs.float().expand(-1, self.in_chans, -1, -1), "target": target,
                 "reconstruction": self.unpatchify(reconstruction)}
 
     @torch.no_grad()

@@ -219,6 +219,7 @@ class LUT(MAE):
     """
 
     default_loss_weights = {"mim": 1.0, "bc": 0.25}
+    loss_scales = {"bc": "feature"}
 
     def __init__(self, backbone: BackboneConfig | dict | None = None, optim: LUTOptimConfig | dict | None = None,
                  loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg",

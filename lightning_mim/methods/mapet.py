@@ -51,6 +51,9 @@ class MaPeT(MIMMethod):
     """MaPeT pre-training. Defaults are the paper's: 75 % of the patches predicted (K = 147 of 196 at 224 px), the
     tokenizer's vocabulary (8192 for k-CLIP and VQ-KD), the centred-square crop with colour jitter 0.4."""
 
+    row_labels = {"reconstruction": "right token: white"}  # `val/reconstruction` shows hits, not pixels
+    loss_scales = {"mim": "token"}
+
     def __init__(self, backbone: BackboneConfig | dict | None = None, optim: MaPeTOptimConfig | dict | None = None,
                  loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg",
                  tokenizer: TokenizerConfig | dict | nn.Module | None = None, vocab_size: int | None = None,

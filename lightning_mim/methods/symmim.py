@@ -59,6 +59,7 @@ class SymMIM(SimMIM):
     projector D -> 4096 -> 4096 -> 256, predictor 256 -> 4096 -> 256, temperature 0.2, momentum 0.99 -> 1."""
 
     default_loss_weights = {"mim": 1.0, "con": 1.0}
+    loss_scales = {"con": "feature"}
 
     def __init__(self, backbone: BackboneConfig | dict | None = None, optim: SymMIMOptimConfig | dict | None = None,
                  loss_weights: dict[str, float] | None = None, feature_pool: Literal["avg", "cls"] = "avg",

@@ -11,12 +11,14 @@ from typing import Any
 
 import yaml
 
+from lightning_mim.reproduce.hparams import remove_experiment_summaries, run_hparams, write_session
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.plot import plot_compare
 from lightning_mim.reproduce.presets import shown
 from lightning_mim.reproduce.results import RowResult, RunResult, by_row, collect, protocol_name
 from lightning_mim.reproduce.state import State, fingerprint
 from lightning_mim.reproduce.stats import Summary
+from lightning_mim.reproduce.superseded import move_superseded
 from lightning_mim.reproduce.verdicts import verdict_records, verdicts_markdown
 
 # Trainer settings shown in the HParams tab beside the model and data hyper-parameters.
@@ -127,28 +129,39 @@ def write_tables(plan: Plan, rows: list[RowResult], with_paper: bool) -> Path:
     return table
 
 
-def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
-    """Each run's hyper-parameters (its saved config.yaml) and final metrics in its TensorBoard run's HParams tab,
-    written once per set of metrics (the fit itself logs no hp_metric: `default_hp_metric false`)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
+def result_config(result: RunResult) -> dict[str, Any]:
+    saved = result.run.run_dir / "config.yaml"
+    return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
 
+
+def recipe_name(run: PlannedRun) -> str:
+    """The recipe of a run's pre-training, e.g. `lut/vit_micro_p4_demo_fmnist` (its last `--config`)."""
+    command = run.pretrain.command
+    configs = [word for before, word in zip(command, command[1:]) if before == "--config"]
+    return "/".join(Path(configs[-1]).parts[-2:]).removesuffix(".yaml") if configs else ""
+
+
+def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
+    """Each run's hyper-parameters (its saved config.yaml, `method` and `recipe` first) and final metrics in its
+    TensorBoard run's HParams tab, as a session-start record only, so the tab's columns are the union over the
+    folder's runs (`hparams`); written once per set of metrics (the fit itself logs no hp_metric:
+    `default_hp_metric false`). No `paper` column: a run may stand in several tables."""
+    every = {result.run.label: run_hparams(result_config(result), recipe_name(result.run),
+                                           {"row": result.run.key, "preset": plan.setup.preset,
+                                            "seed": result.run.seed}, TRAINER_HPARAMS) for result in results}
+    columns = {name for params in every.values() for name in params}
     for result in results:
         if result.run.reference is not None:
             continue
         run, metrics = result.run, result.metrics()
-        key = f"{run.label}/hparams"
+        key = f"{run.label}/hparams_session"
         metrics_fingerprint = fingerprint([json.dumps(metrics, sort_keys=True)], run.pretrain.fingerprint)
         if state.done(key, metrics_fingerprint):
             continue
-        saved = run.run_dir / "config.yaml"
-        config: dict[str, Any] = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-        trainer = config.get("trainer") or {}
-        params = {"preset": plan.setup.preset, "paper": plan.name, "seed": run.seed, "model": config.get("model"),
-                  "data": config.get("data"), "trainer": {name: trainer.get(name) for name in TRAINER_HPARAMS}}
-        logger = TensorBoardLogger(save_dir=str(plan.store), name=run.key, version=run.run_dir.name,
-                                   default_hp_metric=False)
-        logger.log_hyperparams(params, metrics)
-        logger.finalize("success")
+        # a hyper-parameter of other methods only ("-" here) differs between the runs, so the tab shows it first
+        params = every[run.label] | {name: "-" for name in columns - set(every[run.label])}
+        remove_experiment_summaries(run.run_dir, set(metrics))
+        write_session(run.run_dir, params, metrics)
         state.record(key, metrics_fingerprint)
 
 
@@ -157,6 +170,7 @@ def finish(plan: Plan, state: State, with_paper: bool) -> list[RowResult]:
     rows = by_row(results)
     table = write_tables(plan, rows, with_paper)
     log_hparams(plan, results, state)
+    move_superseded(plan, state)
     print("\n" + table.read_text(), flush=True)
     print(f"table: {shown(table)} (and table.csv, table.json); TensorBoard: make tensorboard RUN={shown(plan.store)}")
     return rows
