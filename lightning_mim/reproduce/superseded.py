@@ -43,7 +43,7 @@ def move_superseded(plan: Plan, state: State) -> list[Path]:
     moved = []
     for run in plan.runs:
         current = run.run_dir.name
-        if not run.run_dir.is_dir():
+        if run.reference is not None or not run.run_dir.is_dir():  # a reference row reads a run, it has none
             continue
         for old in sorted(state.stages.get(run.pretrain.key, {})):
             old_dir = run.run_dir.parent / old

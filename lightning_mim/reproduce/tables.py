@@ -146,13 +146,12 @@ def log_hparams(plan: Plan, results: list[RunResult], state: State) -> None:
     TensorBoard run's HParams tab, as a session-start record only, so the tab's columns are the union over the
     folder's runs (`hparams`); written once per set of metrics (the fit itself logs no hp_metric:
     `default_hp_metric false`). No `paper` column: a run may stand in several tables."""
+    results = [result for result in results if result.run.reference is None]  # reference rows have no run
     every = {result.run.label: run_hparams(result_config(result), recipe_name(result.run),
                                            {"row": result.run.key, "preset": plan.setup.preset,
                                             "seed": result.run.seed}, TRAINER_HPARAMS) for result in results}
     columns = {name for params in every.values() for name in params}
     for result in results:
-        if result.run.reference is not None:
-            continue
         run, metrics = result.run, result.metrics()
         key = f"{run.label}/hparams_session"
         metrics_fingerprint = fingerprint([json.dumps(metrics, sort_keys=True)], run.pretrain.fingerprint)
