@@ -11,9 +11,10 @@ import yaml
 
 from lightning_mim.cli import main as cli_main
 from lightning_mim.reproduce.papers import PAPERS
+from lightning_mim.reproduce.plan import ANALYSIS_COLUMNS
 from lightning_mim.reproduce.planning import plan_compare, plan_paper
 from lightning_mim.reproduce.presets import (
-    GPU_FINETUNE_EPOCHS, GPU_STEPS, REPO, SMALL_FINETUNE, ReproduceError, Setup, supervised_evaluation,
+    GPU_FINETUNE_EPOCHS, GPU_ROBUSTNESS_IMAGES, GPU_STEPS, REPO, SMALL_FINETUNE, ReproduceError, Setup, supervised_evaluation,
 )
 
 CORE_ROWS = {"mae", "lut", "simmim", "symmim", "beit", "mapet", "bm_zoom_in_masking", "bm_masking"}
@@ -51,11 +52,20 @@ def test_gpu_compare_pretrains_every_row_on_one_gpu_in_bf16_at_the_gpu_budget(tm
 def test_gpu_rows_are_evaluated_by_knn_logreg_and_the_small_fine_tuning_on_the_gpu(tmp_path: Path) -> None:
     plan = plan_compare(Setup("gpu"), tmp_path)
     for run in (run for run in plan.runs if run.reference is None):
-        assert run.protocols == ("knn", "logreg", "finetune")
-        for stage in run.stages[-2:]:
+        # robustness scores the classifiers of its own call: k-NN and logreg alone, the fine-tuned model after it
+        assert run.protocols == ("knn", "logreg", "robustness-knn", "robustness-logreg", "finetune",
+                                 "robustness-finetune", *ANALYSIS_COLUMNS)
+        evaluations = [stage for stage in run.stages if "/evaluate " in stage.key]
+        assert [stage.key.rsplit(" ", 1)[1] for stage in evaluations] == [
+            "knn,logreg", "robustness", "finetune,robustness"]
+        for stage in evaluations:
             words = stage.command[stage.command.index("evaluate"):]
             assert (value_after(words, "--accelerator"), value_after(words, "--devices")) == ("gpu", "1")
-        finetune = run.stages[-1].command
+        for stage in evaluations[1:]:
+            assert value_after(stage.command, "--robustness-images") == str(GPU_ROBUSTNESS_IMAGES)
+        analyze = run.stages[-1].command
+        assert run.stages[-1].key.endswith("/analyze") and value_after(analyze, "--accelerator") == "gpu"
+        finetune = evaluations[-1].command
         assert value_after(finetune, "--finetune-epochs") == str(GPU_FINETUNE_EPOCHS) == "30"
         assert Path(value_after(finetune, "--finetune-config")).resolve() == REPO / SMALL_FINETUNE
     recipe = yaml.safe_load((REPO / SMALL_FINETUNE).read_text())
@@ -92,10 +102,10 @@ def test_supervised_row_is_fine_tuned_like_the_rows_on_the_gpu_only(tmp_path: Pa
     for setup in (Setup("smoke"), Setup("demo"), Setup("paper", data="/data/imagenet")):
         assert supervised_evaluation(setup) is None
     spec = supervised_evaluation(Setup("gpu"))
-    row_finetune = plan_compare(Setup("gpu"), tmp_path, rows=["mae"]).runs[0].stages[-1].command
-    assert spec.protocols == "finetune" and spec.devices == 1
+    row_finetune = plan_compare(Setup("gpu"), tmp_path, rows=["mae"]).runs[0].stages[-2].command
+    assert spec.protocols == value_after(row_finetune, "--protocols") == "finetune,robustness" and spec.devices == 1
     # the same recipe, epochs, data and device as the pre-trained rows, plus --adapt-images for the 32-px encoder
-    assert list(spec.args[:-1]) == row_finetune[row_finetune.index("finetune") + 1:]
+    assert list(spec.args[:-1]) == row_finetune[row_finetune.index("--protocols") + 2:]
     assert spec.args[-1] == "--adapt-images"
 
 
@@ -105,16 +115,17 @@ def test_gpu_dry_run_through_the_driver_runs_three_seeds_and_the_supervised_refe
         cli_main(["compare", "--preset", "gpu", "--rows", "mae", "--dry-run", "--out", str(tmp_path)])
     lines = printed.getvalue().splitlines()
     stages = [line.split("  log:")[0].removeprefix("[dry run] ") for line in lines if line.startswith("[dry run]")]
-    evaluations = ("evaluate knn,logreg", "evaluate finetune")
+    evaluations = ("evaluate knn,logreg", "evaluate robustness", "evaluate finetune,robustness", "analyze")
     assert stages == [
         *(f"mae{seed}/{stage}" for seed in ("", "/seed1", "/seed2") for stage in ("pretrain", *evaluations)),
-        *(f"supervised_mae{seed}/evaluate finetune" for seed in ("", "/seed1", "/seed2")),
-        *(f"mae_random_init{seed}/evaluate knn,logreg" for seed in ("", "/seed1", "/seed2")),
+        *(f"supervised_mae{seed}/evaluate finetune,robustness" for seed in ("", "/seed1", "/seed2")),
+        *(f"mae_random_init{seed}/{stage}" for seed in ("", "/seed1", "/seed2")
+          for stage in ("evaluate knn,logreg", "analyze")),
         *(f"pixels{seed}/evaluate knn,logreg" for seed in ("", "/seed1", "/seed2"))]
     supervised = next(lines[index + 1].split() for index, line in enumerate(lines)
                       if line.startswith("[dry run] supervised_mae/seed1/"))
     assert value_after(supervised, "--ckpt").startswith("random:") and value_after(supervised, "--ckpt").endswith(
         "/config.yaml")
-    assert value_after(supervised, "--protocols") == "finetune" and value_after(supervised, "--seed") == "1"
+    assert value_after(supervised, "--protocols") == "finetune,robustness" and value_after(supervised, "--seed") == "1"
     assert "--adapt-images" in supervised and value_after(supervised, "--accelerator") == "gpu"
     assert any(line.startswith("# PRESET=gpu:") and "not yet checked on a GPU" in line for line in lines)

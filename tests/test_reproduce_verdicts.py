@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
+import torch
 from matplotlib.legend import Legend
 from matplotlib.text import Text
 from PIL import Image
 
+from lightning_mim.eval import analyze
+from lightning_mim.eval.analyze import Analysis
+from lightning_mim.eval.representation import Spectrum
 from lightning_mim.reproduce.driver import main as reproduce, plan_compare, plan_paper
 from lightning_mim.reproduce.papers import PAPERS
-from lightning_mim.reproduce.plan import Plan
-from lightning_mim.reproduce.plot import compare_figure, plot_compare
-from lightning_mim.reproduce.presets import Setup, shown
-from lightning_mim.reproduce.results import RowResult, RunResult, by_row
+from lightning_mim.reproduce.plan import ANALYSIS_COLUMNS, Plan
+from lightning_mim.reproduce.plot import compare_figure, plot_analysis, plot_compare
+from lightning_mim.reproduce.presets import DEMO_ROBUSTNESS_IMAGES, Setup, shown
+from lightning_mim.reproduce.results import RowResult, RunResult, analysis_values, by_row
 from lightning_mim.reproduce.tables import write_tables
 from lightning_mim.reproduce.verdicts import claims_of
 
@@ -85,7 +90,8 @@ def test_tables_give_mean_std_n_and_each_claims_verdict(tmp_path):
     records = json.loads((plan.out / "table.json").read_text())["verdicts"]
     verdicts = {row["protocol"]: row for row in records if row["claim"] == "LUT > MAE"}
     assert {protocol: record["verdict"] for protocol, record in verdicts.items()} == {
-        "knn": "holds", "logreg": "within noise", "finetune": "not run"}
+        "knn": "holds", "logreg": "within noise", "finetune": "not run", "robustness-knn": "no result",
+        "robustness-logreg": "no result"}
     # did pre-training help: each row against its random init (no results here for the random-init rows)
     assert {(row["claim"], row["better_row"], row["worse_row"], row["verdict"]) for row in records
             if row["claim"] != "LUT > MAE" and row["protocol"] == "knn"} == {
@@ -111,7 +117,8 @@ def test_tables_give_mean_std_n_and_each_claims_verdict(tmp_path):
     assert [mae[name] for name in names] == ["51.00", "-", "1", "missing", "0"]
     records = json.loads((plan.out / "table.json").read_text())["verdicts"]
     verdicts = {record["protocol"]: record["verdict"] for record in records if record["claim"] == "LUT > MAE"}
-    assert verdicts == {"knn": "no result", "logreg": "n = 1, no verdict", "finetune": "not run"}
+    assert verdicts == {"knn": "no result", "logreg": "n = 1, no verdict", "finetune": "not run",
+                        "robustness-knn": "no result", "robustness-logreg": "no result"}
 
 
 def test_claims_per_paper_and_scale(tmp_path):
@@ -170,3 +177,55 @@ def test_compare_plot_labels_do_not_overlap(tmp_path):
     plot_compare(plan, rows, tmp_path / "compare.png")
     with Image.open(tmp_path / "compare.png") as plot:
         assert plot.size == (1200, 600)
+
+
+def write_analysis(folder, distances: list[list[float]], singular_values: list[float]) -> None:
+    """A hand-made analysis folder as `analyze` writes it: per-layer head distances, one spectrum for both kinds."""
+    folder.mkdir(parents=True)
+    spectrum = Spectrum(torch.tensor(singular_values), 1e-2)
+    made = Analysis("run", {"patch": spectrum, "pooled": spectrum}, [torch.tensor(heads) for heads in distances],
+                    [torch.ones(len(heads)) for heads in distances])
+    analyze.write_tables([made], folder)
+
+
+def test_robustness_and_analysis_columns_and_figures(tmp_path):
+    plan = plan_compare(Setup("demo"), tmp_path, rows=["mae", "lut"], seeds=2)
+    mae, lut = (next(run for run in plan.runs if run.key == key and run.seed == 0) for key in ("mae", "lut"))
+    assert mae.protocols == ("knn", "logreg", "robustness-knn", "robustness-logreg", *ANALYSIS_COLUMNS)
+    assert [stage.key for stage in mae.stages] == [
+        "mae/pretrain", "mae/evaluate knn,logreg", "mae/evaluate robustness", "mae/analyze"]
+    robustness = mae.stages[2].command
+    assert option(robustness, "--robustness-images") == str(DEMO_ROBUSTNESS_IMAGES)
+    assert option(mae.stages[3].command, "--out") == shown(mae.run_dir / "analysis") == shown(mae.analysis_dir)
+    assert option(mae.stages[3].command, "--seed") is None  # every run and seed analysed on the same images
+    seed1 = next(run for run in plan.runs if run.key == "mae" and run.seed == 1)
+    assert option(seed1.stages[3].command, "--images") == option(mae.stages[3].command, "--images") == "512"
+    random_init = next(run for run in plan.runs if run.key == "mae_random_init" and run.seed == 0)
+    assert option(random_init.stages[1].command, "--ckpt") == f"random:{shown(mae.run_dir / 'config.yaml')}"
+    assert "--adapt-images" in random_init.stages[1].command
+    # MAE: layer means 2 and 4 -> 3 px; LUT 5 px. Spectrum (4, 2, 1, 1): p = (.5, .25, .125, .125), H = 1.2130 nats
+    write_analysis(mae.analysis_dir, [[1.0, 3.0], [4.0, 4.0]], [4.0, 2.0, 1.0, 1.0])
+    write_analysis(lut.analysis_dir, [[5.0, 5.0], [5.0, 5.0]], [1.0, 1.0, 1.0, 1.0])
+    values = analysis_values(mae.analysis_dir)
+    assert values == pytest.approx({"analysis-rank-patch": math.exp(1.2130076), "analysis-rank-pooled":
+                                    math.exp(1.2130076), "analysis-distance": 3.0}, rel=1e-5)
+    assert analysis_values(tmp_path / "nowhere") == {}
+    rows = results(plan, {"mae": {"knn": [70, 72], "robustness-knn": [50, 52]},
+                          "lut": {"knn": [75, 77], "robustness-knn": [60, 62]}})
+    for row in rows:  # the analysis columns come from the folders
+        for result in row.seeds:
+            result.top1 |= analysis_values(result.run.analysis_dir) if result.run.seed == 0 else {}
+    table = write_tables(plan, rows, with_paper=False).read_text()
+    lut_cells = cells(table)["lut"]
+    assert (lut_cells["k-NN mCA"], lut_cells["k-NN mCA std"], lut_cells["attention distance px"],
+            lut_cells["effective rank, patch tokens"], lut_cells["attention distance px n"]) == (
+        "61.00", "1.41", "5.00", "4.00", "1")
+    verdicts = json.loads((plan.out / "table.json").read_text())["verdicts"]
+    lut_mae = {record["protocol"]: record["verdict"] for record in verdicts if record["claim"] == "LUT > MAE"}
+    assert lut_mae["robustness-knn"] == "holds" and not set(lut_mae) & set(ANALYSIS_COLUMNS)
+    figures = plot_analysis(plan, rows)
+    assert sorted(path.name for path in figures) == ["attention_distance.png", "attention_entropy.png",
+                                                     "spectrum.png"]
+    read = analyze.read_analysis(lut.analysis_dir, "lut")
+    assert read.spectra["patch"].effective_rank == pytest.approx(4.0)
+    assert [heads.tolist() for heads in read.distance] == [[5.0, 5.0], [5.0, 5.0]]

@@ -112,6 +112,26 @@ def write_tables(analyses: list[Analysis], out: Path) -> None:
                     writer.writerow([analysis.run, kind, index, f"{value:.6g}", f"{log:.6g}"])
 
 
+def read_analysis(folder: Path, run: str, threshold: float = 1e-2) -> Analysis:
+    """The analysis of the first encoder `write_tables` wrote into `folder`, labelled `run` (`threshold`: the one it
+    was computed with, for `Spectrum.above_threshold`)."""
+    with (folder / "analysis.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    with (folder / "spectrum.csv").open() as handle:
+        values = list(csv.DictReader(handle))
+    first = rows[0]["run"]
+    spectra = {kind: Spectrum(torch.tensor([float(row["singular_value"]) for row in values
+                                            if row["run"] == first and row["features"] == kind]), threshold)
+               for kind in ("patch", "pooled")}
+    per_layer: dict[str, dict[int, list[float]]] = {"attention_distance_px": {}, "attention_entropy": {}}
+    for row in rows:
+        if row["run"] == first and row["quantity"] in per_layer and row["head"] != "mean":
+            per_layer[row["quantity"]].setdefault(int(row["layer"]), []).append(float(row["value"]))
+    distance, entropy = ([torch.tensor(heads) for _, heads in sorted(per_layer[quantity].items())]
+                         for quantity in per_layer)
+    return Analysis(run, spectra, distance, entropy)
+
+
 def figures(analyses: list[Analysis], title: str) -> dict[str, Any]:
     """One matplotlib figure per quantity, a line per encoder (heads as dots on the attention figures)."""
     import matplotlib
@@ -210,4 +230,4 @@ def main(argv: list[str] | None = None) -> list[Analysis]:
     return analyses
 
 
-__all__ = ["Analysis", "analyse", "main"]
+__all__ = ["Analysis", "analyse", "figures", "main", "read_analysis"]

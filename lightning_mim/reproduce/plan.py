@@ -24,6 +24,22 @@ def seeds_note(seeds: int) -> str:
             f"and n the seeds with a result; img/s and wall-clock are means over the seeds.")
 
 
+# The table columns of a run's `analyze` stage (`results.analysis_values` reads them from its analysis.csv).
+ANALYSIS_COLUMNS = ("analysis-rank-patch", "analysis-rank-pooled", "analysis-distance")
+# What `evaluate --protocols robustness` scores when no other protocol of the call built a classifier.
+ROBUSTNESS_DEFAULT_CLASSIFIERS = ("knn", "logreg")
+
+
+def result_protocols(protocols: str) -> tuple[str, ...]:
+    """The results.csv protocols of one `evaluate --protocols <protocols>` call: each protocol, robustness as one
+    `robustness-<classifier>` per classifier of the call's other protocols (fine-tune, k-NN, logistic regression),
+    else for k-NN and logistic regression (`eval.robustness`)."""
+    names = protocols.split(",")
+    classifiers = tuple(name for name in names if name in ("finetune", "knn", "logreg"))
+    robustness = tuple(f"robustness-{name}" for name in classifiers or ROBUSTNESS_DEFAULT_CLASSIFIERS)
+    return tuple(column for name in names for column in (robustness if name == "robustness" else (name,)))
+
+
 def check_seeds(seeds: int) -> range:
     """The seeds of SEEDS=seeds: 0..seeds-1."""
     if seeds < 1:
@@ -65,6 +81,7 @@ class PlannedRun:
     # A reference row (no pre-training of its own): what its evaluations score, as evaluate's --ckpt takes it
     # (`pixels`, `random:<a run's config.yaml>`); None for a pre-trained row.
     reference: str | None = None
+    analysis_dir: Path | None = None  # the `--out` of its analyze stage, if it has one
 
     @property
     def label(self) -> str:

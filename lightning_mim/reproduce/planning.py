@@ -11,10 +11,12 @@ from lightning_mim.eval.frozen import FROZEN_PROTOCOLS
 from lightning_mim.reproduce.papers import (
     COMPARE_ROWS, DEMO_CODEBOOK, DEMO_IMG_SIZE, DEMO_ROWS, DemoRow, Paper, Row,
 )
-from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage, check_seeds, seed_label, seeds_note
+from lightning_mim.reproduce.plan import (
+    ANALYSIS_COLUMNS, Plan, PlannedRun, Stage, check_seeds, result_protocols, seed_label, seeds_note,
+)
 from lightning_mim.reproduce.presets import (
-    EvalSpec, ReproduceError, Setup, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown, small_data,
-    supervised_evaluation, torchrun_command,
+    EvalSpec, ReproduceError, Setup, analyze_args, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
+    small_data, supervised_evaluation, torchrun_command,
 )
 from lightning_mim.reproduce.state import fingerprint
 
@@ -72,8 +74,29 @@ def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, back
             command = sbatch_wrap(command, spec.devices, log, f"{job_name}-evaluate", setup.cpus_per_gpu)
         stages.append(Stage(f"{label}/evaluate {spec.protocols}", command,
                             fingerprint(words, pretrain_fingerprint), log, after=pretrain.key))
-    protocols = tuple(protocol for spec in specs for protocol in spec.protocols.split(","))
-    return PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages, seed)
+    protocols = tuple(column for spec in specs for column in result_protocols(spec.protocols))
+    run = PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages, seed)
+    add_analysis(setup, run, shown(checkpoint), run_dir / "analysis", pretrain)
+    return run
+
+
+def add_analysis(setup: Setup, run: PlannedRun, ckpt: str, out: Path, pretrain: Stage,
+                 extra: Sequence[str] = ()) -> None:
+    """The run's `lightning-mim analyze` stage of the encoder `ckpt` into `out` (analysis.csv, spectrum.csv, figures),
+    after the pre-training that writes it (or the config a random initialisation reads), and its table columns;
+    nothing where the preset analyses nothing."""
+    common = analyze_args(setup)
+    if common is None:
+        return
+    words = [*common, *(word for word in extra if word not in common)]
+    command = cli_command("analyze", "--ckpt", ckpt, "--out", shown(out), *words)
+    log = out.parent / f"{out.name}.log"
+    if setup.slurm:
+        command = sbatch_wrap(command, 1, log, f"{run.label.replace('/', '-')}-analyze", setup.cpus_per_gpu)
+    run.stages.append(Stage(f"{run.label}/analyze", command, fingerprint([ckpt, *words], pretrain.fingerprint), log,
+                            after=pretrain.key))
+    run.protocols += ANALYSIS_COLUMNS
+    run.analysis_dir = out
 
 
 def codebook_path(store: Path) -> Path:
@@ -137,7 +160,7 @@ def supervised_runs(setup: Setup, store: Path, runs: list[PlannedRun]) -> list[P
                                 (run.pretrain.fingerprint,), run.pretrain.key)
         supervised.append(PlannedRun(f"supervised_{run.key}", f"supervised from scratch ({run.method}'s init)",
                                      run.backbone, (), run.run_dir, "the random initialisation fine-tuned", 1,
-                                     ("finetune",), [stage], seed, ckpt))
+                                     result_protocols(spec.protocols), [stage], seed, ckpt))
     return supervised
 
 
@@ -159,7 +182,9 @@ def reference_runs(setup: Setup, store: Path, runs: list[PlannedRun], spec: Eval
                                 (run.pretrain.fingerprint,), run.pretrain.key)
         references.append(PlannedRun(key, f"{run.method} at random init", run.backbone, (), run.run_dir,
                                      "the pre-training recipe's seeded initialisation, not trained", 1,
-                                     tuple(spec.protocols.split(",")), [stage], run.seed, ckpt))
+                                     result_protocols(spec.protocols), [stage], run.seed, ckpt))
+        add_analysis(setup, references[-1], ckpt, run.run_dir / "analysis-random-init", run.pretrain,
+                     ("--adapt-images",))
     if setup.preset != "paper":
         folder = store / "pixels"
         for seed in sorted({run.seed for run in runs}):

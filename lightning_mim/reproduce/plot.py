@@ -39,10 +39,11 @@ def compare_figure(plan: Plan, rows: list[RowResult]) -> Figure:
     pretrained = [row for row in rows if row.run.reference is None]
     random_init = {row.run.key.removesuffix("_random_init"): row for row in rows
                    if row.run.reference is not None and row.run.key.endswith("_random_init")}
+    protocols = [protocol for protocol in plan.protocols if protocol in PROTOCOL_NAMES]  # clean top-1 on the data
     for index, row in enumerate(pretrained):
         colour = colours[index % len(colours)]
         hours_std = summarize([result.hours for result in row.seeds]).std
-        for protocol, marker in zip(plan.protocols, MARKERS):
+        for protocol, marker in zip(protocols, MARKERS):
             summary = row.summary(protocol)
             if summary.mean is None:
                 continue
@@ -59,7 +60,7 @@ def compare_figure(plan: Plan, rows: list[RowResult]) -> Figure:
                                   label=f"{row.run.key} (n = {len(row.seeds)})"))
     for row in rows:
         if row.run.reference == "pixels":
-            for protocol, style in zip(plan.protocols, ("--", ":", "-.", (0, (1, 3)))):
+            for protocol, style in zip(protocols, ("--", ":", "-.", (0, (1, 3)))):
                 summary = row.summary(protocol)
                 if summary.mean is not None:
                     axes.axhline(summary.mean, color="grey", linestyle=style, linewidth=1)
@@ -76,13 +77,39 @@ def compare_figure(plan: Plan, rows: list[RowResult]) -> Figure:
                    ("" if plan.setup.preset == "paper" else " (not paper numbers)"), fontsize=10)
     axes.margins(x=0.08, y=0.08)
     axes.grid(alpha=0.3)
-    protocols = axes.legend(handles=list(protocol_handles.values()), title="protocol (marker)", fontsize=8,
-                            title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes.add_artist(protocols)
+    protocol_legend = axes.legend(handles=list(protocol_handles.values()), title="protocol (marker)", fontsize=8,
+                                  title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes.add_artist(protocol_legend)
     axes.legend(handles=row_handles, title="row (colour)", fontsize=8, title_fontsize=8, loc="lower left",
                 bbox_to_anchor=(1.01, 0.0))
     figure.tight_layout()
     return figure
+
+
+def plot_analysis(plan: Plan, rows: list[RowResult]) -> list[Path]:
+    """The analyze figures of the table (`eval.analyze.figures`: spectrum, attention distance and entropy), one line
+    per pre-trained row at seed 0 and one for the first row's random initialisation, as `<out>/analysis/*.png`;
+    none before any run was analysed."""
+    import matplotlib.pyplot as plt
+
+    from lightning_mim.eval.analyze import figures, read_analysis
+    from lightning_mim.reproduce.presets import ANALYZE_IMAGES
+
+    pretrained = [row for row in rows if row.run.reference is None]
+    chosen = pretrained + [row for row in rows if pretrained and row.run.key == f"{pretrained[0].run.key}_random_init"]
+    analysed = [(row.run.key, row.seeds[0].run.analysis_dir) for row in chosen]
+    analyses = [read_analysis(folder, key) for key, folder in analysed
+                if folder is not None and (folder / "analysis.csv").is_file()]
+    if not analyses:
+        return []
+    out = plan.out / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, figure in figures(analyses, f"{ANALYZE_IMAGES} validation images, seed 0").items():
+        paths.append(out / f"{name}.png")
+        figure.savefig(paths[-1], dpi=120)
+        plt.close(figure)
+    return paths
 
 
 def plot_compare(plan: Plan, rows: list[RowResult], path: Path) -> None:

@@ -42,6 +42,15 @@ DEMO_STEPS = 300
 # on a held-out tenth). MAE's 10-epoch LARS probe and a 2-epoch fine-tune do not converge at this budget (issue 28:
 # both read far below a linear classifier on raw pixels), so the CPU demo does not publish them.
 DEMO_EVALUATE = ("--accelerator", "cpu")
+# The small scales' robustness stage: every row's k-NN and logistic-regression classifiers (and at the gpu preset its
+# fine-tuned one) on the 15 ImageNet-C corruptions x 5 severities of a seeded subset of the test images (the seed is
+# the run's, so each seed scores its own subset): corrupting costs far more than a micro encoder's forward pass
+# (about 7 CPU-minutes per 1,000 images, once per subset: `eval.corruptions.CorruptionCache`).
+DEMO_ROBUSTNESS_IMAGES = 500
+GPU_ROBUSTNESS_IMAGES = 1000
+# `analyze` (feature spectrum, attention distance and entropy) of every pre-trained row and its random initialisation:
+# the same seeded validation images for every run and seed, so runs differ only by their encoder.
+ANALYZE_IMAGES = 512
 # The fine-tuning recipe of the small scale (crop with padding + flip + random erasing, every epoch validated), for a
 # pre-trained encoder and for the supervised-from-scratch reference (`--ckpt random:<recipe>`) alike.
 SMALL_FINETUNE = "configs/eval/finetune_demo_fmnist.yaml"
@@ -221,17 +230,22 @@ def pretrain_args(setup: Setup, recipe: str, effective_batch: int | None) -> tup
 
 def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | None = None) -> list[EvalSpec]:
     """The evaluation stages of one row: k-NN and the linear probe at smoke scale; k-NN and the converged
-    logistic-regression probe at demo scale; at gpu scale those two and the small-scale fine-tuning recipe for
-    GPU_FINETUNE_EPOCHS epochs on the GPU; at paper scale k-NN and the logistic-regression probe on the frozen
+    logistic-regression probe at demo scale, and their robustness under corruption (a stage of its own); at gpu scale
+    those and the small-scale fine-tuning recipe for GPU_FINETUNE_EPOCHS epochs on the GPU with its robustness; at
+    paper scale k-NN and the logistic-regression probe on the frozen
     features, MAE's linear probe when a recipe is given, and fine-tuning with the row's recipe on GPUS GPUs of one
     node."""
     if setup.preset == "smoke":
         return [EvalSpec("knn,linear", SMOKE_EVALUATE)]
     if setup.preset == "demo":
-        return [EvalSpec("knn,logreg", (*DEMO_EVALUATE, *(("--data-dir", setup.data) if setup.data else ())))]
+        common = (*DEMO_EVALUATE, *(("--data-dir", setup.data) if setup.data else ()))
+        return [EvalSpec("knn,logreg", common),
+                EvalSpec("robustness", (*common, "--robustness-images", str(DEMO_ROBUSTNESS_IMAGES)))]
     if setup.preset == "gpu":
         common = gpu_evaluate_args(setup)
-        return [EvalSpec("knn,logreg", common), EvalSpec("finetune", (*common, *small_finetune_args()))]
+        robustness = ("--robustness-images", str(GPU_ROBUSTNESS_IMAGES))
+        return [EvalSpec("knn,logreg", common), EvalSpec("robustness", (*common, *robustness)),
+                EvalSpec("finetune,robustness", (*common, *small_finetune_args(), *robustness))]
     data_config, _, data_args = paper_data(setup.data)
     common = ("--data-config", data_config, *data_args, "--accelerator", "gpu")
     trained = ("--devices", str(setup.gpus), "--strategy", "ddp")
@@ -243,6 +257,24 @@ def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | 
         specs.append(EvalSpec("finetune", (*common, "--finetune-config", config(finetune_recipe), *trained,
                                            *recipe_batch_args(finetune_recipe, setup.gpus)), setup.gpus))
     return specs
+
+
+def analyze_args(setup: Setup) -> tuple[str, ...] | None:
+    """`lightning-mim analyze` arguments (besides --ckpt and --out) of every row of a preset: its validation data
+    and device, ANALYZE_IMAGES images; None at the smoke preset (a pipeline check: one more interpreter start-up
+    per run would double its time, and its synthetic encoders have nothing to show)."""
+    if setup.preset == "smoke":
+        return None
+    if setup.preset == "demo":
+        data = (*(("--data-dir", setup.data) if setup.data else ()), "--accelerator", "cpu")
+    elif setup.preset == "gpu":
+        data = (*small_data(setup.data)[2], "--accelerator", "gpu")
+    else:
+        data_config, _, data_args = paper_data(setup.data)
+        if "--train-shards" in data_args:  # analyze reads the validation split only
+            data_args = data_args[data_args.index("--val-shards"):]
+        data = ("--data-config", data_config, *data_args, "--accelerator", "gpu")
+    return ("--images", str(ANALYZE_IMAGES), *data)
 
 
 def gpu_evaluate_args(setup: Setup) -> tuple[str, ...]:
@@ -264,7 +296,8 @@ def supervised_evaluation(setup: Setup) -> EvalSpec | None:
     (the config its `fit` saved), or a recipe with `--model.backbone.img_size 32` baked in; `--adapt-images` lets
     a random encoder, which records no pre-training data, read Fashion-MNIST resized to 32 px as the rows do."""
     if setup.preset == "gpu":
-        return EvalSpec("finetune", (*gpu_evaluate_args(setup), *small_finetune_args(), "--adapt-images"))
+        return EvalSpec("finetune,robustness", (*gpu_evaluate_args(setup), *small_finetune_args(),
+                                                "--robustness-images", str(GPU_ROBUSTNESS_IMAGES), "--adapt-images"))
     return None
 
 

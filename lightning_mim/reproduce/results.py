@@ -14,12 +14,47 @@ from lightning_mim.reproduce.stats import Summary, summarize
 from lightning_mim.reproduce.transfer import transfer_title, transfer_top1
 
 PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune", "logreg": "logistic regression"}
+# The columns of the analyze stage: (analysis.csv quantity, title). A distance is the mean over layers and heads.
+ANALYSIS_QUANTITIES = {"analysis-rank-patch": ("effective_rank_patch", "effective rank, patch tokens"),
+                       "analysis-rank-pooled": ("effective_rank_pooled", "effective rank, pooled feature"),
+                       "analysis-distance": ("attention_distance_px", "attention distance px")}
 THROUGHPUT_TAG = "train/throughput_img_s"
 
 
 def protocol_name(protocol: str) -> str:
-    """A protocol's name in tables: evaluate's protocols, and a transfer set's fine-tuning ("iNat 2018 fine-tune")."""
+    """A protocol's name in tables: evaluate's protocols, robustness (the mean corruption accuracy of one
+    classifier: "k-NN mCA"), a transfer set's fine-tuning ("iNat 2018 fine-tune") and the analyses."""
+    if protocol.startswith("robustness-"):
+        return f"{PROTOCOL_NAMES[protocol[len('robustness-'):]]} mCA"
+    if protocol in ANALYSIS_QUANTITIES:
+        return ANALYSIS_QUANTITIES[protocol][1]
     return transfer_title(protocol) or PROTOCOL_NAMES[protocol]
+
+
+def is_accuracy(protocol: str) -> bool:
+    """A top-1 column (%), as opposed to an analysis one."""
+    return protocol not in ANALYSIS_QUANTITIES
+
+
+def column_title(protocol: str) -> str:
+    """"k-NN top-1", "k-NN mCA" (a top-1 under corruption), "attention distance px"."""
+    name = protocol_name(protocol)
+    return f"{name} top-1" if is_accuracy(protocol) and not protocol.startswith("robustness-") else name
+
+
+def analysis_values(folder: Path | None) -> dict[str, float]:
+    """The analyze columns of one encoder from its `analysis.csv` (none when it has not been analysed)."""
+    path = None if folder is None else folder / "analysis.csv"
+    if path is None or not path.is_file():
+        return {}
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    values = {}
+    for column, (quantity, _) in ANALYSIS_QUANTITIES.items():
+        numbers = [float(row["value"]) for row in rows if row["quantity"] == quantity and row["head"] in ("", "mean")]
+        if numbers:
+            values[column] = statistics.fmean(numbers)
+    return values
 
 
 @dataclass
@@ -27,12 +62,13 @@ class RunResult:
     """One row at one seed."""
 
     run: PlannedRun
-    top1: dict[str, float]  # protocol -> this run's top-1 (%)
+    top1: dict[str, float]  # protocol -> this run's top-1 (%), or an analysis column's value
     img_per_s: float | None  # mean of the training step's logged throughput (all devices)
     hours: float | None  # wall-clock of the pre-training's attempts (None: a reference row)
 
     def metrics(self) -> dict[str, float]:
-        values = {f"reproduce/{protocol}_top1": value for protocol, value in self.top1.items()}
+        values = {f"reproduce/{protocol}_top1" if is_accuracy(protocol) else f"reproduce/{protocol}": value
+                  for protocol, value in self.top1.items()}
         if self.img_per_s is not None:
             values["reproduce/img_per_s"] = self.img_per_s
         return values if self.hours is None else values | {"reproduce/pretrain_hours": self.hours}
@@ -92,7 +128,7 @@ def collect(plan: Plan, state: State) -> list[RunResult]:
     for run in plan.runs:
         name = run.results_name
         top1 = {row["protocol"]: float(row["top1"]) for row in rows if row["run"] == name}
-        top1 |= transfer_top1(plan.store, name)
+        top1 |= transfer_top1(plan.store, name) | analysis_values(run.analysis_dir)
         pretrained = run.reference is None
         results.append(RunResult(run, {protocol: top1[protocol] for protocol in run.protocols if protocol in top1},
                                  mean_scalar(run.run_dir, THROUGHPUT_TAG) if pretrained else None,

@@ -13,9 +13,9 @@ import yaml
 
 from lightning_mim.reproduce.hparams import remove_experiment_summaries, run_hparams, write_session
 from lightning_mim.reproduce.plan import Plan, PlannedRun
-from lightning_mim.reproduce.plot import plot_compare
+from lightning_mim.reproduce.plot import plot_analysis, plot_compare
 from lightning_mim.reproduce.presets import shown
-from lightning_mim.reproduce.results import RowResult, RunResult, by_row, collect, protocol_name
+from lightning_mim.reproduce.results import RowResult, RunResult, by_row, collect, column_title, protocol_name
 from lightning_mim.reproduce.state import State, fingerprint
 from lightning_mim.reproduce.stats import Summary
 from lightning_mim.reproduce.superseded import move_superseded
@@ -66,9 +66,9 @@ def table_lines(plan: Plan, rows: list[RowResult], with_paper: bool) -> tuple[li
     header = ["row", "method", "this run"]
     for protocol in plan.protocols:
         name = protocol_name(protocol)
-        header += [f"{name} top-1", f"{name} std", f"{name} n"]
+        header += [column_title(protocol), f"{name} std", f"{name} n"]
         if with_paper:
-            header.append(f"{name} top-1, paper")
+            header.append(f"{column_title(protocol)}, paper")
     lines = []
     for row in rows:
         line = [row.run.key, row.run.method, row.run.backbone]
@@ -170,7 +170,10 @@ def finish(plan: Plan, state: State, with_paper: bool) -> list[RowResult]:
     table = write_tables(plan, rows, with_paper)
     log_hparams(plan, results, state)
     move_superseded(plan, state)
+    figures = plot_analysis(plan, rows)
     print("\n" + table.read_text(), flush=True)
+    if figures:
+        print(f"analysis figures: {shown(figures[0].parent)}/ ({', '.join(path.name for path in figures)})")
     print(f"table: {shown(table)} (and table.csv, table.json); TensorBoard: make tensorboard RUN={shown(plan.store)}")
     return rows
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning_mim.reproduce.papers import PAPERS, Row
 from lightning_mim.reproduce.plan import Plan
-from lightning_mim.reproduce.results import RowResult, protocol_name
+from lightning_mim.reproduce.results import RowResult, is_accuracy, protocol_name
 from lightning_mim.reproduce.stats import NO_RESULT, Summary, judge, shown_summary
 
 NOT_RUN = "not run"
@@ -89,7 +89,7 @@ def verdict_records(plan: Plan, rows: list[RowResult]) -> list[dict[str, Any]]:
     records = []
     claims = [(claim.label, better, worse) for claim, better, worse in claims_of(plan)]
     for label, better_key, worse_key in claims + pretraining_claims(rows):
-        for protocol in plan.protocols:
+        for protocol in filter(is_accuracy, plan.protocols):
             better, worse = side(by_key.get(better_key), protocol), side(by_key.get(worse_key), protocol)
             record: dict[str, Any] = {"claim": label, "better_row": better_key, "worse_row": worse_key,
                                       "protocol": protocol}
