@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lightning_mim.eval.corruptions import (
     load_imagecorruptions, parse_corruptions, to_pixels,
 )
 from lightning_mim.eval.evaluate import main as evaluate
+from lightning_mim.eval.frozen import recorded_l2
 from lightning_mim.eval.robustness import subset_indices, summarise
 from lightning_mim.eval.shift import class_mapping, restricted_predictions
 from lightning_mim.targets.base import MissingExtraError
@@ -149,7 +151,7 @@ def test_evaluate_robustness_and_a_shift_folder(tmp_path: Path) -> None:
 
 
 @needs_imagecorruptions
-def test_logreg_robustness_refits_the_logreg_protocols_classifier(tmp_path: Path) -> None:
+def test_logreg_robustness_refits_the_logreg_protocols_classifier(tmp_path: Path, capsys) -> None:
     recipe = tmp_path / "mae_micro.yaml"
     recipe.write_text(RECIPE)
     rows = evaluate(["--ckpt", f"random:{recipe}", "--protocols", "logreg,robustness", "--data-source", "synthetic",
@@ -160,6 +162,25 @@ def test_logreg_robustness_refits_the_logreg_protocols_classifier(tmp_path: Path
     # the same fit on the same (whole) validation split: the same clean top-1
     assert by_protocol["robustness-logreg"]["clean_top1"] == by_protocol["logreg"]["top1"]
     assert by_protocol["robustness-logreg"]["val_images"] == by_protocol["logreg"]["val_images"]
+    # a robustness-only call (the reproduce stage after knn,logreg) refits at the L2 the logreg row chose
+    again = evaluate(["--ckpt", f"random:{recipe}", "--protocols", "robustness", "--data-source", "synthetic",
+                      "--synthetic-size", "32", "--corruptions", "gaussian_noise", "--results",
+                      str(tmp_path / "results"), *COMMON, "--logreg-l2", "1e-1,1e-3"])
+    assert "robustness: logreg refitted at l2=0.1, the strength this encoder's logreg row chose" in \
+        capsys.readouterr().out
+    assert {row["protocol"]: row["clean_top1"] for row in again}["robustness-logreg"] == \
+        by_protocol["robustness-logreg"]["clean_top1"]
+
+
+def test_recorded_l2_is_the_latest_choice_of_the_same_encoder_within_the_grid(tmp_path: Path) -> None:
+    records = [{"run": "a", "config_hash": "h", "l2": 1e-3}, {"run": "b", "config_hash": "h", "l2": 1e-1},
+               {"run": "a", "config_hash": "other", "l2": 1e-2}, {"run": "a", "config_hash": "h", "l2": 1e-5}]
+    (tmp_path / "logreg.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    identity = {"run": "a", "config_hash": "h"}
+    assert recorded_l2(tmp_path, identity, (1e-3, 1e-5)) == 1e-5
+    assert recorded_l2(tmp_path, identity, (1e-3,)) is None  # the latest choice is not in this grid: sweep again
+    assert recorded_l2(tmp_path, {"run": "c", "config_hash": "h"}, (1e-5,)) is None
+    assert recorded_l2(tmp_path / "empty", identity, (1e-5,)) is None
 
 
 @needs_imagecorruptions

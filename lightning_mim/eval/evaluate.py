@@ -67,7 +67,9 @@ from lightning_mim.eval.features import (
     PIXELS, FrozenFeatures, encoder_feature_fn, flatten_pixels, pixel_datamodule,
 )
 from lightning_mim.eval.finetune import FineTune
-from lightning_mim.eval.frozen import FROZEN_PROTOCOLS, add_frozen_arguments, append_logreg_details, run_frozen
+from lightning_mim.eval.frozen import (
+    FROZEN_PROTOCOLS, add_frozen_arguments, append_logreg_details, recorded_l2, run_frozen,
+)
 from lightning_mim.eval.linear import LinearProbe
 from lightning_mim.eval.robustness import add_robustness_arguments, append_details, run_robustness
 from lightning_mim.eval.resumable import (
@@ -296,7 +298,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence[L.Callback] = ()) ->
             start = time.perf_counter()
             if protocol == "robustness":
                 frozen = frozen or frozen_features(encoder, options)
-                results, details = run_robustness(frozen, options, earlier, lambda line: print(line, flush=True))
+                results, details = run_robustness(
+                    frozen, options, earlier, lambda line: print(line, flush=True),
+                    recorded_l2(Path(options.results), row_identity(encoder), tuple(options.logreg_l2)))
                 if rank_zero_only.rank == 0:
                     append_details(Path(options.results), row_identity(encoder) | {
                         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}, details)

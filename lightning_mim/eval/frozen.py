@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,4 +73,21 @@ def append_logreg_details(results_dir: Path, row: dict[str, Any], metrics: dict[
         handle.write(json.dumps(details) + "\n")
 
 
-__all__ = ["FROZEN_PROTOCOLS", "add_frozen_arguments", "append_logreg_details", "l2_grid", "run_frozen"]
+def recorded_l2(results_dir: Path, identity: dict[str, Any], grid: tuple[float, ...]) -> float | None:
+    """The L2 strength that the latest logreg row of this encoder (same run and config hash) chose, from
+    `<results>/logreg.jsonl`, when it is one of `grid`; None without one. A robustness-only call refits at it instead
+    of sweeping again (the sweep of a poorly conditioned encoder costs minutes on the CPU). The record does not hold
+    evaluate's --seed (the held-out split): a call with another seed reuses the first seed's choice."""
+    path = results_dir / "logreg.jsonl"
+    if not path.is_file():
+        return None
+    chosen = None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if (record["run"], record["config_hash"]) == (identity["run"], identity["config_hash"]):
+            chosen = record["l2"]
+    return chosen if chosen is not None and any(math.isclose(chosen, l2) for l2 in grid) else None
+
+
+__all__ = ["FROZEN_PROTOCOLS", "add_frozen_arguments", "append_logreg_details", "l2_grid", "recorded_l2",
+           "run_frozen"]

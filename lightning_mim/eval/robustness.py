@@ -4,7 +4,8 @@ the validation split, and on distribution-shift folders (`eval.shift`), for the 
 Classifiers: those of the protocols that ran before it in the same `evaluate` call, `finetune` (the fine-tuned model
 of its working folder's `last.ckpt`, the final epoch), `knn` (the same bank, k and temperature) and `logreg` (refitted
 once on the cached training features at the L2 strength that protocol chose: the same fit, so the same clean top-1);
-with none of them, `knn` and `logreg` (logreg then chooses its L2 as its protocol does). `linear` (the SGD probe) is
+with none of them, `knn` and `logreg` (logreg at the L2 that the encoder's latest logreg row in the same
+`--results` chose, from logreg.jsonl, else chosen as its protocol does). `linear` (the SGD probe) is
 not scored.
 
 Rows of `<results>/results.csv`: one per classifier with protocol `robustness-<classifier>`, `top1` the mean
@@ -63,8 +64,10 @@ def add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def frozen_classifiers(features: FrozenFeatures, options: argparse.Namespace, earlier: dict[str, dict[str, Any]],
-                       names: Iterable[str]) -> dict[str, Classifier]:
-    """The k-NN and logistic-regression classifiers of `features`, as their protocols build them."""
+                       names: Iterable[str], recorded: float | None = None) -> dict[str, Classifier]:
+    """The k-NN and logistic-regression classifiers of `features`, as their protocols build them; logreg at the L2
+    of the same call's logreg protocol, else at `recorded` (an earlier call's choice), else chosen as the protocol
+    chooses it."""
     num_classes, device = features.datamodule.num_classes, features.device
 
     def extract(images: Tensor) -> Tensor:
@@ -78,7 +81,7 @@ def frozen_classifiers(features: FrozenFeatures, options: argparse.Namespace, ea
             bank, bank_labels, F.normalize(x, dim=1), num_classes, k=options.k, temperature=options.temperature))
     if "logreg" in names:
         train, train_labels = features.train(options.train_subset)
-        l2 = earlier.get("logreg", {}).get("l2")
+        l2 = earlier.get("logreg", {}).get("l2", recorded)
         if l2 is None:
             test, test_labels = features.val()
             l2 = linear_probe(train, train_labels, test, test_labels, num_classes, tuple(options.logreg_l2),
@@ -169,9 +172,11 @@ def summarise(top1: dict[tuple[str, str, int], float], corruptions: tuple[str, .
 
 
 def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlier: dict[str, dict[str, Any]],
-                   log: Callable[[str], None] = print) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
-    """Score the classifiers (see the module docstring) under the corruptions and on the shift sets. Returns the
-    results rows as (protocol, metrics) and the detail rows of robustness.csv (without the row identity)."""
+                   log: Callable[[str], None] = print, recorded: float | None = None,
+                   ) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """Score the classifiers (see the module docstring) under the corruptions and on the shift sets; `recorded`: the
+    L2 an earlier logreg row of this encoder chose (`frozen.recorded_l2`). Returns the results rows as (protocol,
+    metrics) and the detail rows of robustness.csv (without the row identity)."""
     corruptions = parse_corruptions(options.corruptions)
     load_imagecorruptions()  # a missing package fails here, before any classifier is fitted
     datamodule, device = features.datamodule, features.device
@@ -181,7 +186,10 @@ def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlie
     else:
         classifiers = {}
     frozen = [name for name in ("knn", "logreg") if name in earlier] or ([] if classifiers else ["knn", "logreg"])
-    classifiers |= frozen_classifiers(features, options, earlier, frozen)
+    if "logreg" in frozen and "logreg" not in earlier and recorded is not None:
+        log(f"robustness: logreg refitted at l2={recorded:g}, the strength this encoder's logreg row chose "
+            f"(logreg.jsonl)")
+    classifiers |= frozen_classifiers(features, options, earlier, frozen, recorded)
     total = features.val()[1].shape[0]
     chosen = subset_indices(total, options.robustness_images, options.seed)
     mean, std = datamodule.mean_for(datamodule.in_chans), datamodule.std_for(datamodule.in_chans)
