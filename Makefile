@@ -63,13 +63,15 @@ bench: install
 # 3 with PRESET=gpu), EPOCHS= (compare's budget at paper scale),
 # CPUS_PER_GPU= (SLURM=1: --cpus-per-task of every job; default: the nodes' CPUs per GPU from sinfo, else 10),
 # TRANSFER_DATA=name=folder,... (reproduce targets, PRESET=paper: every MAE / LUT pre-training also fine-tuned on each
-# ImageFolder, e.g. inat2018=/data/inat2018,cub200=/data/cub200; a column per set). Unset ones take the driver's
+# ImageFolder, e.g. inat2018=/data/inat2018,cub200=/data/cub200; a column per set), SHIFT_DATA=name=folder,...
+# (PRESET=paper: every fine-tuned row also scored on each shift set, e.g. imagenet-a=/data/imagenet-a; a column per
+# set, beside MAE's reported ImageNet-A / -R / -Sketch numbers in LUT's table). Unset ones take the driver's
 # defaults (`lightning-mim reproduce --help`).
 REPRODUCE_ARGS = $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data '$(DATA)') $(if $(GPUS),--gpus $(GPUS)) \
 	$(if $(NODES),--nodes $(NODES)) $(if $(filter 1,$(SLURM)),--slurm) $(if $(filter 1,$(DRY_RUN)),--dry-run) \
 	$(if $(ROWS),--rows $(ROWS)) $(if $(FIT_ARGS),--fit-args='$(FIT_ARGS)') $(if $(EVAL_ARGS),--eval-args='$(EVAL_ARGS)') \
 	$(if $(STEPS),--steps $(STEPS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(SEEDS),--seeds $(SEEDS)) \
-	$(if $(CPUS_PER_GPU),--cpus-per-gpu $(CPUS_PER_GPU))
+	$(if $(CPUS_PER_GPU),--cpus-per-gpu $(CPUS_PER_GPU)) $(if $(SHIFT_DATA),--shift-data '$(SHIFT_DATA)')
 
 TRANSFER_ARGS = $(if $(TRANSFER_DATA),--transfer-data '$(TRANSFER_DATA)')
 

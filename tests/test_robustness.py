@@ -148,6 +148,15 @@ def test_evaluate_robustness_and_a_shift_folder(tmp_path: Path) -> None:
     mean_row = next(row for row in details if row["corruption"] == "mCA")
     assert float(mean_row["top1"]) == pytest.approx(sum(per_severity) / 5, abs=0.01)
     assert by_protocol["robustness-knn"]["top1"] == mean_row["top1"]
+    # --corruptions none: the shift sets only (paper scale: the released ImageNet-A / -R / -Sketch / -C folders)
+    rows = evaluate(["--ckpt", f"random:{recipe}", "--protocols", "knn,robustness", "--data-source", "imagefolder",
+                     "--data-dir", str(tmp_path / "data"), "--k", "1", "--corruptions", "none",
+                     "--shift-dir", f"r={tmp_path / 'shift'}", "--results", str(results), *COMMON])
+    assert [(row["protocol"], row["top1"]) for row in rows] == [("knn", "100.00"), ("shift-r-knn", "100.00")]
+    assert parse_corruptions("none") == ()
+    with pytest.raises(ValueError, match="--corruptions none needs a --shift-dir"):
+        evaluate(["--ckpt", f"random:{recipe}", "--protocols", "robustness", "--data-source", "imagefolder",
+                  "--data-dir", str(tmp_path / "data"), "--corruptions", "none", "--results", str(results), *COMMON])
 
 
 @needs_imagecorruptions

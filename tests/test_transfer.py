@@ -185,3 +185,45 @@ def test_transfer_columns_beside_maes_reported_numbers(tmp_path, monkeypatch):
              "cub200 fine-tune top-1", "cub200 fine-tune top-1, paper")
     assert [table["mae_vit_b16"][name] for name in names] == ["83.10", "74.00", "75.4", "missing", "unknown"]
     assert [table["lut_vit_b16"][name] for name in names] == ["83.90", "76.50", "unknown", "85.00", "unknown"]
+
+
+SHIFT = "imagenet-a=/data/imagenet-a,imagenet-r=/data/imagenet-r"
+
+
+def test_shift_data_scores_the_fine_tuned_rows_beside_maes_reported_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(plan_module, "run_name", str)
+    monkeypatch.setattr(results_module, "mean_scalar", lambda run_dir, tag: None)
+    setup = Setup("paper", "/data/imagenet", shift=parse_transfer_data(SHIFT, "SHIFT_DATA"))
+    plan = plan_paper(PAPERS["lut"], setup, tmp_path, rows=["mae_vit_b16"])
+    plain = plan_paper(PAPERS["lut"], Setup("paper", "/data/imagenet"), tmp_path, rows=["mae_vit_b16"])
+    mae, before = plan.runs[0], plain.runs[0]
+    finetune = next(stage for stage in mae.stages if "/evaluate finetune" in stage.key)
+    assert finetune.key == "mae_vit_b16/evaluate finetune,robustness"
+    words = finetune.command
+    assert option(words, "--corruptions") == "none"
+    assert [words[index + 1] for index, word in enumerate(words) if word == "--shift-dir"] == [
+        "imagenet-a=/data/imagenet-a", "imagenet-r=/data/imagenet-r"]
+    # the same fine-tuning arguments, so evaluate finds the finished fine-tuning and only scores the shift sets
+    plain_words = next(stage for stage in before.stages if stage.key.endswith("/evaluate finetune")).command
+    assert words[:len(plain_words)] == [word if word != "finetune" else "finetune,robustness"
+                                        for word in plain_words]
+    assert {"shift-imagenet-a-finetune", "shift-imagenet-r-finetune"} <= set(mae.protocols)
+    plan.store.mkdir(parents=True)
+    with (plan.store / "results.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "protocol", "top1"])
+        writer.writerows([(str(mae.checkpoint), "finetune", "83.2"),
+                          (str(mae.checkpoint), "shift-imagenet-a-finetune", "33.0")])
+    state = State(plan.store / "state.json")
+    state.start(mae.pretrain)
+    state.finish(mae.pretrain, "done", 3600.0)
+    table = cells(write_tables(plan, by_row(collect(plan, state)), with_paper=True).read_text())["mae_vit_b16"]
+    assert [table[name] for name in ("ImageNet-A fine-tune top-1", "ImageNet-A fine-tune top-1, paper",
+                                     "ImageNet-R fine-tune top-1", "ImageNet-R fine-tune top-1, paper")] == [
+        "33.00", "35.9", "missing", "48.3"]
+    with pytest.raises(ReproduceError, match="SHIFT_DATA scores the paper-scale fine-tuned rows"):
+        Setup("demo", shift=(("imagenet-a", "/x"),))
+    with pytest.raises(SystemExit, match="SHIFT_DATA item 'imagenet-a' is not name=folder"):
+        reproduce(["lut", "--preset", "paper", "--data", "/data/imagenet", "--shift-data", "imagenet-a", "--dry-run"])
+    printed = make("-n", "reproduce-lut", SHIFT_DATA=SHIFT)
+    assert printed.returncode == 0 and f"--shift-data '{SHIFT}'" in printed.stdout

@@ -192,9 +192,12 @@ class CorruptionCache:
 
 
 def parse_corruptions(text: str | None) -> tuple[str, ...]:
-    """`--corruptions`: comma-separated names or family names (noise, blur, weather, digital); None: all 15."""
+    """`--corruptions`: comma-separated names or family names (noise, blur, weather, digital); None: all 15; `none`:
+    no corruption (the shift sets only)."""
     if text is None:
         return CORRUPTIONS
+    if text.strip() == "none":
+        return ()
     chosen: list[str] = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         names = FAMILIES.get(name, (name,))
@@ -204,7 +207,7 @@ def parse_corruptions(text: str | None) -> tuple[str, ...]:
                              f"({', '.join(FAMILIES)})")
         chosen += [item for item in names if item not in chosen]
     if not chosen:
-        raise ValueError("--corruptions is empty: name at least one corruption or family")
+        raise ValueError("--corruptions is empty: name at least one corruption or family (or none)")
     return tuple(chosen)
 
 

@@ -57,7 +57,7 @@ def add_robustness_arguments(parser: argparse.ArgumentParser) -> None:
                         help="robustness: corrupt a seeded subset of N validation images (default: all of them)")
     parser.add_argument("--corruptions", default=None,
                         help="robustness: comma-separated ImageNet-C corruptions or families (noise, blur, weather, "
-                             "digital); default: all 15")
+                             "digital); default: all 15; none: score the --shift-dir sets only")
     parser.add_argument("--shift-dir", action="append", type=parse_shift_dir, default=[], metavar="NAME=PATH",
                         help="robustness: a distribution-shift ImageFolder whose class folders are training-class "
                              "wnids (e.g. imagenet-r=/data/imagenet-r); repeatable")
@@ -178,9 +178,12 @@ def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlie
     L2 an earlier logreg row of this encoder chose (`frozen.recorded_l2`). Returns the results rows as (protocol,
     metrics) and the detail rows of robustness.csv (without the row identity)."""
     corruptions = parse_corruptions(options.corruptions)
-    load_imagecorruptions()  # a missing package fails here, before any classifier is fitted
+    if corruptions:
+        load_imagecorruptions()  # a missing package fails here, before any classifier is fitted
     datamodule, device = features.datamodule, features.device
     shifts = shift_sets(options.shift_dir, datamodule)
+    if not corruptions and not shifts:
+        raise ValueError("robustness with --corruptions none needs a --shift-dir NAME=PATH to score")
     if "finetune" in earlier:
         classifiers = {"finetune": finetuned_classifier(Path(earlier["finetune"]["folder"]), device)}
     else:
@@ -190,6 +193,20 @@ def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlie
         log(f"robustness: logreg refitted at l2={recorded:g}, the strength this encoder's logreg row chose "
             f"(logreg.jsonl)")
     classifiers |= frozen_classifiers(features, options, earlier, frozen, recorded)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    details: list[dict[str, Any]] = []
+    if corruptions:
+        rows, details = corruption_rows(features, options, classifiers, corruptions, log)
+    for shift in shifts:
+        rows += shift_rows(shift, classifiers, details, options)
+    return rows, details
+
+
+def corruption_rows(features: FrozenFeatures, options: argparse.Namespace, classifiers: dict[str, Classifier],
+                    corruptions: tuple[str, ...], log: Callable[[str], None],
+                    ) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+    """The mCA row per classifier and the detail rows of the corrupted validation subset."""
+    datamodule = features.datamodule
     total = features.val()[1].shape[0]
     chosen = subset_indices(total, options.robustness_images, options.seed)
     mean, std = datamodule.mean_for(datamodule.in_chans), datamodule.std_for(datamodule.in_chans)
@@ -212,8 +229,6 @@ def run_robustness(features: FrozenFeatures, options: argparse.Namespace, earlie
         details.append({"classifier": classifier, "corruption": "mCA", "severity": "mean", "top1": result["mca"]})
     for detail in details:
         detail["images"] = len(chosen)
-    for shift in shifts:
-        rows += shift_rows(shift, classifiers, details, options)
     return rows, details
 
 

@@ -180,13 +180,20 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                                                                 "<out>/<preset>/<paper>/")
     parser.add_argument("--fit-args", default="", help="more `lightning-mim fit` arguments for every pre-training")
     parser.add_argument("--eval-args", default="", help="more `lightning-mim evaluate` arguments for every evaluation")
+    parser.add_argument("--shift-data", default="",
+                        help="paper: name=folder,... distribution-shift ImageFolders of ImageNet wnids (imagenet-a, "
+                             "imagenet-r, imagenet-sketch: beside MAE's reported numbers) each fine-tuned row is also "
+                             "scored on")
 
 
 def setup_of(options: argparse.Namespace) -> Setup:
     preset = options.preset or ("paper" if options.data else "demo")
     cpus = options.cpus_per_gpu or (node_cpus_per_gpu() if options.slurm else None) or DEFAULT_CPUS_PER_GPU
+    shift = parse_transfer_data(options.shift_data, "SHIFT_DATA", "imagenet-a=/data/imagenet-a,imagenet-r=/data/"
+                                                                  "imagenet-r")
     return Setup(preset, options.data, options.gpus, options.nodes, options.slurm,
-                 tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)), options.steps, cpus)
+                 tuple(shlex.split(options.fit_args)), tuple(shlex.split(options.eval_args)), options.steps, cpus,
+                 shift)
 
 
 def seeds_of(options: argparse.Namespace, setup: Setup) -> int:

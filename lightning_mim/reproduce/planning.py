@@ -74,7 +74,7 @@ def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, back
             command = sbatch_wrap(command, spec.devices, log, f"{job_name}-evaluate", setup.cpus_per_gpu)
         stages.append(Stage(f"{label}/evaluate {spec.protocols}", command,
                             fingerprint(words, pretrain_fingerprint), log, after=pretrain.key))
-    protocols = tuple(column for spec in specs for column in result_protocols(spec.protocols))
+    protocols = tuple(column for spec in specs for column in spec.columns or result_protocols(spec.protocols))
     run = PlannedRun(key, method, backbone, references, run_dir, description, setup.devices, protocols, stages, seed)
     add_analysis(setup, run, shown(checkpoint), run_dir / "analysis", pretrain)
     return run

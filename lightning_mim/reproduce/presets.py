@@ -98,6 +98,8 @@ class Setup:
     eval_args: tuple[str, ...] = ()
     steps: int | None = None  # demo / gpu: pre-training steps (default DEMO_STEPS / GPU_STEPS)
     cpus_per_gpu: int = DEFAULT_CPUS_PER_GPU  # SLURM: --cpus-per-task of every job
+    # SHIFT_DATA (paper): distribution-shift ImageFolders (name, folder) the fine-tuned rows are also scored on
+    shift: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -114,6 +116,9 @@ class Setup:
             raise ReproduceError(f"STEPS sets the demo budget (and the gpu one): a positive number with PRESET=demo "
                                  f"or gpu (got STEPS={self.steps} with PRESET={self.preset}; the paper preset runs "
                                  f"each recipe's epochs)")
+        if self.shift and self.preset != "paper":
+            raise ReproduceError(f"SHIFT_DATA scores the paper-scale fine-tuned rows: use it with PRESET=paper (got "
+                                 f"PRESET={self.preset})")
         if self.preset == "gpu" and self.data and Path(self.data).is_dir() and not small_data(self.data)[0]:
             raise ReproduceError(f"DATA={self.data} holds neither the Fashion-MNIST idx files nor train/ and val/ (an "
                                  f"ImageFolder): point DATA at one of those, or leave it out for Fashion-MNIST")
@@ -141,6 +146,7 @@ class EvalSpec:
     protocols: str
     args: tuple[str, ...]
     devices: int = 1
+    columns: tuple[str, ...] | None = None  # its results.csv protocols, where `plan.result_protocols` cannot tell
 
 
 def small_data(data: str | None) -> tuple[bool, list[str], list[str]]:
@@ -232,9 +238,9 @@ def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | 
     """The evaluation stages of one row: k-NN and the linear probe at smoke scale; k-NN and the converged
     logistic-regression probe at demo scale, and their robustness under corruption (a stage of its own); at gpu scale
     those and the small-scale fine-tuning recipe for GPU_FINETUNE_EPOCHS epochs on the GPU with its robustness; at
-    paper scale k-NN and the logistic-regression probe on the frozen
-    features, MAE's linear probe when a recipe is given, and fine-tuning with the row's recipe on GPUS GPUs of one
-    node."""
+    paper scale k-NN and the logistic-regression probe on the frozen features, MAE's linear probe when a recipe is
+    given, and fine-tuning with the row's recipe on GPUS GPUs of one node, its model also scored on SHIFT_DATA's
+    sets when given (ImageNet-A, -R, -Sketch, or the released ImageNet-C folders)."""
     if setup.preset == "smoke":
         return [EvalSpec("knn,linear", SMOKE_EVALUATE)]
     if setup.preset == "demo":
@@ -254,8 +260,14 @@ def evaluations(setup: Setup, finetune_recipe: str | None, linear_recipe: str | 
         specs.append(EvalSpec("linear", (*common, "--linear-config", config(linear_recipe), *trained,
                                          *recipe_batch_args(linear_recipe, setup.gpus)), setup.gpus))
     if finetune_recipe is not None:
-        specs.append(EvalSpec("finetune", (*common, "--finetune-config", config(finetune_recipe), *trained,
-                                           *recipe_batch_args(finetune_recipe, setup.gpus)), setup.gpus))
+        finetune = (*common, "--finetune-config", config(finetune_recipe), *trained,
+                    *recipe_batch_args(finetune_recipe, setup.gpus))
+        if not setup.shift:
+            specs.append(EvalSpec("finetune", finetune, setup.gpus))
+        else:  # the fine-tuned model on each shift set; a finished fine-tuning is reused, not trained again
+            shift_dirs = tuple(word for name, folder in setup.shift for word in ("--shift-dir", f"{name}={folder}"))
+            specs.append(EvalSpec("finetune,robustness", (*finetune, "--corruptions", "none", *shift_dirs),
+                                  setup.gpus, ("finetune", *(f"shift-{name}-finetune" for name, _ in setup.shift))))
     return specs
 
 

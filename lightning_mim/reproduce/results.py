@@ -18,6 +18,7 @@ PROTOCOL_NAMES = {"knn": "k-NN", "linear": "linear", "finetune": "fine-tune", "l
 ANALYSIS_QUANTITIES = {"analysis-rank-patch": ("effective_rank_patch", "effective rank, patch tokens"),
                        "analysis-rank-pooled": ("effective_rank_pooled", "effective rank, pooled feature"),
                        "analysis-distance": ("attention_distance_px", "attention distance px")}
+SHIFT_NAMES = {"imagenet-a": "ImageNet-A", "imagenet-r": "ImageNet-R", "imagenet-sketch": "ImageNet-Sketch"}
 THROUGHPUT_TAG = "train/throughput_img_s"
 
 
@@ -26,6 +27,9 @@ def protocol_name(protocol: str) -> str:
     classifier: "k-NN mCA"), a transfer set's fine-tuning ("iNat 2018 fine-tune") and the analyses."""
     if protocol.startswith("robustness-"):
         return f"{PROTOCOL_NAMES[protocol[len('robustness-'):]]} mCA"
+    if protocol.startswith("shift-"):  # shift-<set>-<classifier>
+        name, classifier = protocol[len("shift-"):].rsplit("-", 1)
+        return f"{SHIFT_NAMES.get(name, name)} {PROTOCOL_NAMES[classifier]}"
     if protocol in ANALYSIS_QUANTITIES:
         return ANALYSIS_QUANTITIES[protocol][1]
     return transfer_title(protocol) or PROTOCOL_NAMES[protocol]

@@ -27,19 +27,21 @@ TRANSFER_RECIPES = {"MAE": "configs/eval/finetune_transfer_mae_vit_b16.yaml",
 TRANSFER_DATA_CONFIG = "configs/data/imagenet_folder.yaml"
 PREFIX = "transfer_"
 SET_NAMES = {"inat2017": "iNat 2017", "inat2018": "iNat 2018", "inat2019": "iNat 2019"}
-NAME = re.compile(r"[a-z][a-z0-9_]*")
+NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 
-def parse_transfer_data(text: str) -> tuple[tuple[str, str], ...]:
-    """`name=folder,name=folder` -> ((name, folder), ...), names lower-case words (inat2018, fgvc_aircraft)."""
+def parse_transfer_data(text: str, variable: str = "TRANSFER_DATA",
+                        example: str = "inat2018=/data/inat2018,cub200=/data/cub200") -> tuple[tuple[str, str], ...]:
+    """`name=folder,name=folder` (TRANSFER_DATA, SHIFT_DATA) -> ((name, folder), ...), names lower-case words
+    (inat2018, fgvc_aircraft, imagenet-a)."""
     pairs: list[tuple[str, str]] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, folder = item.partition("=")
         if not NAME.fullmatch(name) or not folder:
-            raise ReproduceError(f"TRANSFER_DATA item {item!r} is not name=folder with a lower-case name: write e.g. "
-                                 f"TRANSFER_DATA=inat2018=/data/inat2018,cub200=/data/cub200")
+            raise ReproduceError(f"{variable} item {item!r} is not name=folder with a lower-case name: write e.g. "
+                                 f"{variable}={example}")
         if name in dict(pairs):
-            raise ReproduceError(f"TRANSFER_DATA names {name} twice: give each transfer set once")
+            raise ReproduceError(f"{variable} names {name} twice: give each set once")
         pairs.append((name, folder))
     return tuple(pairs)
 
