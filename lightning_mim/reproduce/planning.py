@@ -168,7 +168,8 @@ def reference_runs(setup: Setup, store: Path, runs: list[PlannedRun], spec: Eval
     """The rows that say whether pre-training helped, evaluated like the pre-trained rows (`spec`: k-NN and the
     logistic-regression probe): each pre-trained row's encoder at its random initialisation (the run's own saved
     config, so its seed, size and recipe; `random:` reads it after the pre-training wrote it), and the raw pixels
-    at each seed of the table (not at paper scale: 150,528-dimensional features of 1.28 M images)."""
+    once, at the table's first seed (n = 1: pixels have no pre-training seed, and their results.csv rows, all named
+    `pixels`, could not tell seeds apart; not at paper scale: 150,528-dimensional features of 1.28 M images)."""
     references = supervised_runs(setup, store, runs)
     if spec is None:
         return references
@@ -187,7 +188,7 @@ def reference_runs(setup: Setup, store: Path, runs: list[PlannedRun], spec: Eval
                      ("--adapt-images",))
     if setup.preset != "paper":
         folder = store / "pixels"
-        for seed in sorted({run.seed for run in runs}):
+        for seed in sorted({run.seed for run in runs})[:1]:
             log = folder / f"evaluate-{spec.protocols.replace(',', '+')}-seed{seed}.log"
             stage = reference_stage(setup, store, seed_label("pixels", seed), "pixels", spec, log, seed)
             references.append(PlannedRun("pixels", "raw pixels", "the normalised images, flattened", (), folder,
@@ -199,7 +200,8 @@ def references_notes(setup: Setup, spec: EvalSpec | None) -> list[str]:
     if spec is None:
         return []
     pixels = ("raw pixels: not at paper scale (150,528-dimensional features of 1.28 M images)"
-              if setup.preset == "paper" else "pixels: the same protocols on the normalised images, flattened")
+              if setup.preset == "paper" else "pixels: the same protocols on the normalised images, flattened, "
+              "once (n = 1: no pre-training seed)")
     supervised = ("supervised_<first row>: that row's random initialisation fine-tuned like the rows"
                   if supervised_evaluation(setup) else "supervised from scratch: not at this preset (no converged "
                   "fine-tuning on the CPU; PRESET=gpu runs it)" if setup.preset in ("smoke", "demo") else
