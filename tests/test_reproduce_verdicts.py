@@ -199,7 +199,11 @@ def test_robustness_and_analysis_columns_and_figures(tmp_path):
     assert option(mae.stages[3].command, "--out") == shown(mae.run_dir / "analysis") == shown(mae.analysis_dir)
     assert option(mae.stages[3].command, "--seed") is None  # every run and seed analysed on the same images
     seed1 = next(run for run in plan.runs if run.key == "mae" and run.seed == 1)
-    assert option(seed1.stages[3].command, "--images") == option(mae.stages[3].command, "--images") == "512"
+    assert option(seed1.stages[2].command, "--images") == option(mae.stages[3].command, "--images") == "512"
+    # the CPU demo scores robustness at the first seed only (n = 1): corrupting and 76 passes cost minutes per row
+    assert [stage.key for stage in seed1.stages] == ["mae/seed1/pretrain", "mae/seed1/evaluate knn,logreg",
+                                                     "mae/seed1/analyze"]
+    assert "robustness-knn" not in seed1.protocols
     random_init = next(run for run in plan.runs if run.key == "mae_random_init" and run.seed == 0)
     assert option(random_init.stages[1].command, "--ckpt") == f"random:{shown(mae.run_dir / 'config.yaml')}"
     assert "--adapt-images" in random_init.stages[1].command
@@ -210,8 +214,8 @@ def test_robustness_and_analysis_columns_and_figures(tmp_path):
     assert values == pytest.approx({"analysis-rank-patch": math.exp(1.2130076), "analysis-rank-pooled":
                                     math.exp(1.2130076), "analysis-distance": 3.0}, rel=1e-5)
     assert analysis_values(tmp_path / "nowhere") == {}
-    rows = results(plan, {"mae": {"knn": [70, 72], "robustness-knn": [50, 52]},
-                          "lut": {"knn": [75, 77], "robustness-knn": [60, 62]}})
+    rows = results(plan, {"mae": {"knn": [70, 72], "robustness-knn": [50]},
+                          "lut": {"knn": [75, 77], "robustness-knn": [60]}})
     for row in rows:  # the analysis columns come from the folders
         for result in row.seeds:
             result.top1 |= analysis_values(result.run.analysis_dir) if result.run.seed == 0 else {}
@@ -219,10 +223,11 @@ def test_robustness_and_analysis_columns_and_figures(tmp_path):
     lut_cells = cells(table)["lut"]
     assert (lut_cells["k-NN mCA"], lut_cells["k-NN mCA std"], lut_cells["attention distance px"],
             lut_cells["effective rank, patch tokens"], lut_cells["attention distance px n"]) == (
-        "61.00", "1.41", "5.00", "4.00", "1")
+        "60.00", "-", "5.00", "4.00", "1")
     verdicts = json.loads((plan.out / "table.json").read_text())["verdicts"]
     lut_mae = {record["protocol"]: record["verdict"] for record in verdicts if record["claim"] == "LUT > MAE"}
-    assert lut_mae["robustness-knn"] == "holds" and not set(lut_mae) & set(ANALYSIS_COLUMNS)
+    assert (lut_mae["knn"], lut_mae["robustness-knn"]) == ("holds", "n = 1, no verdict")  # +5 > 2 SE = 2.83
+    assert not set(lut_mae) & set(ANALYSIS_COLUMNS)
     figures = plot_analysis(plan, rows)
     assert sorted(path.name for path in figures) == ["attention_distance.png", "attention_entropy.png",
                                                      "spectrum.png"]

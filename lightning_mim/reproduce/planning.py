@@ -66,6 +66,7 @@ def plan_run(setup: Setup, store: Path, key: str, method: str, recipe: str, back
     stages = [pretrain]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     pretrain.expects = checkpoint
+    specs = [spec for spec in specs if seed == 0 or not spec.first_seed_only]
     for spec in specs:
         words = ["--protocols", spec.protocols, *spec.args, *setup.eval_args, *(("--seed", str(seed)) if seed else ())]
         log = run_dir / f"evaluate-{spec.protocols.replace(',', '+')}.log"
