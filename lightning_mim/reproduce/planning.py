@@ -14,9 +14,10 @@ from lightning_mim.reproduce.papers import (
 from lightning_mim.reproduce.plan import (
     ANALYSIS_COLUMNS, Plan, PlannedRun, Stage, check_seeds, result_protocols, seed_label, seeds_note,
 )
+from lightning_mim.reproduce.launch import sbatch_command, sbatch_wrap, torchrun_command
 from lightning_mim.reproduce.presets import (
-    EvalSpec, ReproduceError, Setup, analyze_args, evaluations, pretrain_args, sbatch_command, sbatch_wrap, shown,
-    small_data, supervised_evaluation, torchrun_command,
+    EvalSpec, ReproduceError, Setup, analyze_args, evaluations, pretrain_args, shown, small_data,
+    supervised_evaluation,
 )
 from lightning_mim.reproduce.state import fingerprint
 

@@ -5,8 +5,6 @@ evaluations to flatten: estimates, not yet checked on a GPU) and paper (ImageNet
 paper's effective batch, on GPUS x NODES GPUs through torchrun or SLURM)."""
 from __future__ import annotations
 
-import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import yaml
 
 from lightning_mim.eval.batch import BatchSplitError, split_batch
 from lightning_mim.methods.base import OptimConfig
-from lightning_mim.reproduce.slurm import DEFAULT_CPUS_PER_GPU, TIME_LIMIT, TIME_LIMIT_SIGNAL
+from lightning_mim.reproduce.slurm import DEFAULT_CPUS_PER_GPU
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ("smoke", "demo", "gpu", "paper")
@@ -329,30 +327,3 @@ def recipe_batch_args(recipe: str, gpus: int) -> tuple[str, ...]:
     except BatchSplitError as error:
         raise ReproduceError(f"{recipe}: {error} (the evaluations run on the GPUS of one node)") from None
     return "--batch-size", str(per_device), "--accumulate-grad-batches", str(accumulation)
-
-
-def torchrun_command(setup: Setup, fit_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """experiments/torchrun_pretrain.sh on this node (NODE_RANK, default 0); with NODES > 1 the other nodes run
-    the same command with their NODE_RANK and node 0's MASTER_ADDR."""
-    env = {"NNODES": str(setup.nodes), "GPUS_PER_NODE": str(setup.gpus),
-           "NODE_RANK": os.environ.get("NODE_RANK", "0")}
-    if setup.nodes > 1:
-        env["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "<node 0 address>")
-    return [config("experiments/torchrun_pretrain.sh"), *fit_args], env
-
-
-def sbatch_command(setup: Setup, fit_args: list[str], log: Path, job_name: str) -> list[str]:
-    """experiments/slurm_pretrain.sbatch submitted for GPUS x NODES tasks with CPUS_PER_GPU CPUs each; `--parsable`
-    prints the job id, which the driver follows until the job ends (`reproduce.slurm.wait_for_job`)."""
-    return ["sbatch", "--parsable", "--nodes", str(setup.nodes), "--ntasks-per-node", str(setup.gpus),
-            "--gpus-per-node", str(setup.gpus), "--cpus-per-task", str(setup.cpus_per_gpu), "--job-name", job_name,
-            "--output", shown(log), config("experiments/slurm_pretrain.sbatch"), *fit_args]
-
-
-def sbatch_wrap(command: list[str], tasks: int, log: Path, job_name: str, cpus_per_task: int) -> list[str]:
-    """An evaluation submitted as a one-node SLURM job of `tasks` GPU tasks with the pre-training template's log
-    mode, time limit, time-limit signal and requeue; `--parsable` prints the job id the driver follows."""
-    return ["sbatch", "--parsable", "--nodes", "1", "--ntasks-per-node", str(tasks), "--gpus-per-node", str(tasks),
-            "--cpus-per-task", str(cpus_per_task), "--time", TIME_LIMIT, "--signal", TIME_LIMIT_SIGNAL,
-            "--requeue", "--open-mode", "append", "--job-name", job_name, "--output", shown(log),
-            "--wrap", f"srun --cpus-per-task {cpus_per_task} {shlex.join(command)}"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from lightning_mim.reproduce.plan import Plan, PlannedRun, Stage
 from lightning_mim.reproduce.planning import cli_command
-from lightning_mim.reproduce.presets import ReproduceError, config, recipe_batch_args, sbatch_wrap, shown
+from lightning_mim.reproduce.launch import sbatch_wrap
+from lightning_mim.reproduce.presets import ReproduceError, config, recipe_batch_args, shown
 from lightning_mim.reproduce.state import fingerprint
 
 # A method's transfer fine-tuning recipe (every value a stated fallback: see the recipe headers).
