@@ -228,6 +228,11 @@ def test_robustness_and_analysis_columns_and_figures(tmp_path):
     lut_mae = {record["protocol"]: record["verdict"] for record in verdicts if record["claim"] == "LUT > MAE"}
     assert (lut_mae["knn"], lut_mae["robustness-knn"]) == ("holds", "n = 1, no verdict")  # +5 > 2 SE = 2.83
     assert not set(lut_mae) & set(ANALYSIS_COLUMNS)
+    # only the claims about the table's rows (no SymMIM, MaPeT or Beyond Masking line in compare --rows mae,lut), and
+    # pre-training against random init on the protocols the random-init row runs (no robustness there)
+    assert {record["claim"] for record in verdicts} == {"LUT > MAE", "MAE pre-training > its random init",
+                                                        "LUT pre-training > its random init"}
+    assert {record["protocol"] for record in verdicts if "random init" in record["claim"]} == {"knn", "logreg"}
     figures = plot_analysis(plan, rows)
     assert sorted(path.name for path in figures) == ["attention_distance.png", "attention_entropy.png",
                                                      "spectrum.png"]
