@@ -82,7 +82,8 @@ def write_config(folder: Path) -> Path:
         *(f"{name}PidFile={folder}/{name.lower()}.pid" for name in ("Slurmctld", "Slurmd")),
         *(f"{name}LogFile={folder}/{name.lower()}.log" for name in ("Slurmctld", "Slurmd")),
         f"SlurmdSpoolDir={folder}/spool", f"StateSaveLocation={folder}/state",
-        f"{node} State=UNKNOWN", f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+        f"{node} State=UNKNOWN", f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2",
+        ""]))
     return config
 
 
@@ -171,10 +172,8 @@ def test_time_limit_signal_requeues_and_the_job_resumes_exactly(slurm, tmp_path)
     def recorder(name: str) -> dict:
         return {"class_path": "helpers.RankRecorder", "init_args": {"path": str(folder / name)}}
 
+    # the partition lets two jobs share the node's CPUs: the straight job runs beside the one to be requeued
     straight = submit(env, folder, "straight", [recorder("straight")])
-    straight_log = folder / f"slurm-straight-{straight}.out"
-    wait_until(lambda: job_field(env, straight, "JobState") == "COMPLETED", WAIT_S, "the straight job's end",
-               straight_log)
     ready = folder / "ready"
     requeued = submit(env, folder, "requeued", [recorder("requeued"), {"class_path": "helpers.Announce",
                                                                       "init_args": {"path": str(ready),
@@ -183,10 +182,21 @@ def test_time_limit_signal_requeues_and_the_job_resumes_exactly(slurm, tmp_path)
     log = folder / f"slurm-requeued-{requeued}.out"
     wait_until(ready.exists, WAIT_S, f"step {SIGNAL_AFTER}", log)
     subprocess.run(["scancel", "--signal=USR1", requeued], env=env, check=True, timeout=60)
-    wait_until(lambda: job_field(env, requeued, "Restarts") == "1", WAIT_S, "the requeue", log)
-    # SLURM holds a requeued job for two minutes (BeginTime); a real time limit ends the job anyway
-    subprocess.run(["scontrol", "update", f"JobId={requeued}", "StartTime=now"], env=env, timeout=60)
+    # SLURM holds a requeued job for two minutes (BeginTime), set once the old allocation has ended; a real time limit
+    # ends the job anyway. Released here as soon as it is pending again.
+    pending = []
+
+    def released() -> bool:
+        state = job_field(env, requeued, "JobState")
+        if state == "PENDING" and job_field(env, requeued, "Restarts") == "1":
+            pending.append(state)
+            subprocess.run(["scontrol", "update", f"JobId={requeued}", "StartTime=now"], env=env, timeout=60)
+        return bool(pending) and state != "PENDING"
+
+    wait_until(released, WAIT_S, "the requeue and the restart", log)
     wait_until(lambda: job_field(env, requeued, "JobState") == "COMPLETED", WAIT_S, "the requeued job's end", log)
+    wait_until(lambda: job_field(env, straight, "JobState") == "COMPLETED", WAIT_S, "the straight job's end",
+               folder / f"slurm-straight-{straight}.out")
     output = log.read_text()
     print(f"real SLURM: straight job {straight}, requeued job {requeued}, {time.monotonic() - started:.0f} s")
     assert "Traceback" not in output, output[-4000:]

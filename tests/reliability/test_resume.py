@@ -20,18 +20,35 @@ from lightning_mim.reliability import RNGState, safe_load, seed_process
 TOTAL, KILL_AT = 12, 6
 
 
-def run(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL,
-        samples: int = 64) -> subprocess.CompletedProcess:
+def start(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL,
+          samples: int = 64) -> subprocess.Popen:
+    """The run in the background; its output goes to `<name>.stdout` / `.stderr`, so that no full pipe blocks it."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests/reliability")])}
-    return subprocess.run(
-        cli_command("fit", *micro_args(method), "--config", str(config), "--seed_everything", "7",
-                    "--data.synthetic_size", str(samples), "--trainer.max_steps", str(total),
-                    "--trainer.default_root_dir", str(tmp_path / name),
-                    "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--checkpoint.every_n_train_steps", "1",
-                    *extra),
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    with (tmp_path / f"{name}.stdout").open("w") as stdout, (tmp_path / f"{name}.stderr").open("w") as stderr:
+        return subprocess.Popen(
+            cli_command("fit", *micro_args(method), "--config", str(config), "--seed_everything", "7",
+                        "--data.synthetic_size", str(samples), "--trainer.max_steps", str(total),
+                        "--trainer.default_root_dir", str(tmp_path / name),
+                        "--checkpoint.dirpath", str(tmp_path / name / "ckpt"), "--checkpoint.every_n_train_steps",
+                        "1", *extra),
+            stdout=stdout, stderr=stderr, text=True, cwd=tmp_path, env=env)
+
+
+def finish(process: subprocess.Popen, tmp_path, name: str) -> subprocess.CompletedProcess:
+    try:
+        process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, (tmp_path / f"{name}.stdout").read_text(),
+                                       (tmp_path / f"{name}.stderr").read_text())
+
+
+def run(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL,
+        samples: int = 64) -> subprocess.CompletedProcess:
+    return finish(start(tmp_path, name, callbacks, method, *extra, total=total, samples=samples), tmp_path, name)
 
 
 def losses(path) -> dict[int, float]:
@@ -41,12 +58,15 @@ def losses(path) -> dict[int, float]:
 # LUT augments view 2 on the device (data.augment_on's default): those draws are restored with the RNG states
 @pytest.mark.parametrize("method", ["MAE", "SimMIM", "SymMIM", "LUT", "BEiT", "MaPeT", "BeyondMasking"])
 def test_sigkill_then_resume_matches_straight_run(tmp_path, method):
-    straight = run(tmp_path, "straight", [{"class_path": "helpers.LossRecorder",
-                                           "init_args": {"path": str(tmp_path / "straight.txt")}}], method)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # the straight run and the run to be killed are independent: they share the machine's cores
+    straight = start(tmp_path, "straight", [{"class_path": "helpers.LossRecorder",
+                                             "init_args": {"path": str(tmp_path / "straight.txt")}}], method)
     recorder = {"class_path": "helpers.LossRecorder", "init_args": {"path": str(tmp_path / "resumed.txt")}}
-    killed = run(tmp_path, "resumed", [recorder, {"class_path": "helpers.KillAtStep", "init_args": {"step": KILL_AT}}],
-                 method)
+    killed = finish(start(tmp_path, "resumed", [recorder, {"class_path": "helpers.KillAtStep",
+                                                           "init_args": {"step": KILL_AT}}], method),
+                    tmp_path, "resumed")
+    straight = finish(straight, tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
     assert killed.returncode == -9
     resumed = run(tmp_path, "resumed", [recorder], method)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
