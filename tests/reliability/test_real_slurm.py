@@ -82,8 +82,8 @@ def write_config(folder: Path) -> Path:
         *(f"{name}PidFile={folder}/{name.lower()}.pid" for name in ("Slurmctld", "Slurmd")),
         *(f"{name}LogFile={folder}/{name.lower()}.log" for name in ("Slurmctld", "Slurmd")),
         f"SlurmdSpoolDir={folder}/spool", f"StateSaveLocation={folder}/state",
-        f"{node} State=UNKNOWN", f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2",
-        ""]))
+        f"{node} State=UNKNOWN",
+        f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2", ""]))
     return config
 
 
@@ -184,14 +184,15 @@ def test_time_limit_signal_requeues_and_the_job_resumes_exactly(slurm, tmp_path)
     subprocess.run(["scancel", "--signal=USR1", requeued], env=env, check=True, timeout=60)
     # SLURM holds a requeued job for two minutes (BeginTime), set once the old allocation has ended; a real time limit
     # ends the job anyway. Released here as soon as it is pending again.
-    pending = []
+    was_pending = False
 
     def released() -> bool:
+        nonlocal was_pending
         state = job_field(env, requeued, "JobState")
         if state == "PENDING" and job_field(env, requeued, "Restarts") == "1":
-            pending.append(state)
+            was_pending = True
             subprocess.run(["scontrol", "update", f"JobId={requeued}", "StartTime=now"], env=env, timeout=60)
-        return bool(pending) and state != "PENDING"
+        return was_pending and state != "PENDING"
 
     wait_until(released, WAIT_S, "the requeue and the restart", log)
     wait_until(lambda: job_field(env, requeued, "JobState") == "COMPLETED", WAIT_S, "the requeued job's end", log)

@@ -48,7 +48,8 @@ def finish(process: subprocess.Popen, tmp_path, name: str) -> subprocess.Complet
 
 def run(tmp_path, name: str, callbacks: list[dict], method: str, *extra: str, total: int = TOTAL,
         samples: int = 64) -> subprocess.CompletedProcess:
-    return finish(start(tmp_path, name, callbacks, method, *extra, total=total, samples=samples), tmp_path, name)
+    process = start(tmp_path, name, callbacks, method, *extra, total=total, samples=samples)
+    return finish(process, tmp_path, name)
 
 
 def losses(path) -> dict[int, float]:
