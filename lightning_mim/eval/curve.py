@@ -11,6 +11,9 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 CURVE_NAME = "curve.csv"
+# The share of the validated epochs whose gain `late_gain` measures, and the fewest validated epochs it needs.
+LATE_FRACTION = 0.25
+LATE_MIN_EPOCHS = 4
 CURVE_COLUMNS = ("epoch", "step", "val_top1", "val_top5", "val_loss", "train_loss", "lr")
 METRICS = {"val_top1": "val/top1", "val_top5": "val/top5", "val_loss": "val/loss", "train_loss": "train/loss",
            "lr": "train/lr"}
@@ -59,4 +62,15 @@ def read_curve(folder: Path) -> list[dict[str, str]]:
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-__all__ = ["CURVE_COLUMNS", "CURVE_NAME", "ValidationCurve", "curve_logger", "read_curve"]
+def late_gain(curve: list[dict[str, str]]) -> float | None:
+    """Points by which the best val top-1 of the last quarter of the validated epochs exceeds the best before them
+    (negative: the curve fell back), the measure of a plateau; None with fewer than LATE_MIN_EPOCHS epochs."""
+    top1 = [float(row["val_top1"]) for row in curve if row["val_top1"]]
+    if len(top1) < LATE_MIN_EPOCHS:
+        return None
+    late = max(1, round(len(top1) * LATE_FRACTION))
+    return max(top1[-late:]) - max(top1[:-late])
+
+
+__all__ = ["CURVE_COLUMNS", "CURVE_NAME", "LATE_FRACTION", "ValidationCurve", "curve_logger", "late_gain",
+           "read_curve"]

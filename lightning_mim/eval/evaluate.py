@@ -35,7 +35,9 @@ folder, whose `tensorboard/` holds the same curves for TensorBoard.
 of the other protocols of the call (`lightning_mim.eval.robustness`).
 
 Results: `top1` / `top5` after the last epoch, `top1_best` the best validated epoch's top-1, `val_images` the number of
-images scored (the whole val split unless `--val-subset` or the data config asks for a subset).
+images scored (the whole val split unless `--val-subset` or the data config asks for a subset), and for a linear probe
+or fine-tuning validated on at least 4 epochs `late_gain`: the points the best top-1 of the last quarter of its
+validated epochs adds to the best before them (`eval.curve.late_gain`; a plateau when small).
 
 Resuming: the linear probe and fine-tuning train in a working folder per encoder, protocol, recipe and settings under
 `--eval-dir` (default `<results>/eval`), writing `last.ckpt` atomically after every epoch; rerunning the same command
@@ -61,7 +63,7 @@ import yaml
 from lightning_mim.backbone import BackboneConfig
 from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.batch import trained_batch
-from lightning_mim.eval.curve import ValidationCurve, curve_logger
+from lightning_mim.eval.curve import ValidationCurve, curve_logger, late_gain, read_curve
 from lightning_mim.eval.encoders import Encoder, resolve_encoder, row_identity
 from lightning_mim.eval.features import (
     PIXELS, FrozenFeatures, encoder_feature_fn, flatten_pixels, pixel_datamodule,
@@ -82,7 +84,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # top1 is the final epoch's; top1_best the best validated epoch's (linear / finetune); val_images the images scored
 # clean_top1: the robustness rows' top-1 of their images uncorrupted (their top1 is the mean corruption accuracy)
 COLUMNS = ("run", "method", "config_hash", "protocol", "top1", "top5", "epochs", "seconds", "timestamp", "top1_best",
-           "val_images", "clean_top1")
+           "val_images", "clean_top1", "late_gain")
 PROTOCOLS = ("knn", "linear", "finetune", "logreg", "robustness")
 def data_arguments(options: argparse.Namespace, recipe_data: dict[str, Any] | None,
                    config: BackboneConfig | None) -> dict[str, Any]:
@@ -174,7 +176,7 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
     if finished is not None:
         print(f"{protocol}: finished earlier, reporting {folder / 'result.json'} (delete that folder to train "
               f"again)", flush=True)
-        return finished | {"folder": folder}
+        return finished | {"folder": folder, "late_gain": late_gain(read_curve(folder))}
     datamodule = build_datamodule(data, encoder, options.adapt_images)
     module_class = LinearProbe if protocol == "linear" else FineTune
     L.seed_everything(options.seed, verbose=False)
@@ -197,7 +199,7 @@ def run_trained(protocol: str, encoder: Encoder, options: argparse.Namespace,
                         "val_images": int(trainer.callback_metrics["val/images"])}
     if trainer.is_global_zero:
         write_result(folder, result)
-    return result | {"folder": folder}
+    return result | {"folder": folder, "late_gain": late_gain(read_curve(folder))}
 
 
 def append_results(results_dir: Path, rows: list[dict[str, Any]]) -> None:
@@ -330,7 +332,8 @@ def result_row(encoder: Encoder | None, protocol: str, metrics: dict[str, Any], 
     return {**row_identity(encoder), "protocol": protocol, "top1": percent("top1"), "top5": percent("top5"),
             "epochs": metrics["epochs"], "seconds": f"{seconds:.1f}",
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "top1_best": percent("top1_best"),
-            "val_images": metrics["val_images"], "clean_top1": percent("clean_top1")}
+            "val_images": metrics["val_images"], "clean_top1": percent("clean_top1"),
+            "late_gain": "" if metrics.get("late_gain") is None else f"{metrics['late_gain']:.2f}"}
 
 
 __all__ = ["COLUMNS", "PROTOCOLS", "append_results", "build_datamodule", "config_hash", "data_arguments", "main"]

@@ -1,13 +1,17 @@
 """A plan's numbers once its stages are done: per run (a row at one seed) evaluate's latest top-1 per protocol from
-`results.csv`, the training step's `train/throughput_img_s` from TensorBoard and the pre-training's wall-clock seconds
+`results.csv` (with the late gain of each trained protocol's validation curve), the training step's
+`train/throughput_img_s` and the pre-training loss curve from TensorBoard, and the pre-training's wall-clock seconds
 from `state.json`; per row, those of its seeds together."""
 from __future__ import annotations
 
 import csv
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_mim.reproduce.convergence import (
+    GATED_PRESETS, NOT_CONVERGED, LossFall, loss_fall, loss_points, plateaued,
+)
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.state import State
 from lightning_mim.reproduce.stats import Summary, summarize
@@ -20,6 +24,8 @@ ANALYSIS_QUANTITIES = {"analysis-rank-patch": ("effective_rank_patch", "effectiv
                        "analysis-distance": ("attention_distance_px", "attention distance px")}
 SHIFT_NAMES = {"imagenet-a": "ImageNet-A", "imagenet-r": "ImageNet-R", "imagenet-sketch": "ImageNet-Sketch"}
 THROUGHPUT_TAG = "train/throughput_img_s"
+# The protocols trained for epochs (their curves decide a plateau), and the columns scored with their classifier.
+TRAINED_PROTOCOLS = {"linear": "linear", "finetune": "finetune", "robustness-finetune": "finetune"}
 
 
 def protocol_name(protocol: str) -> str:
@@ -69,6 +75,17 @@ class RunResult:
     top1: dict[str, float]  # protocol -> this run's top-1 (%), or an analysis column's value
     img_per_s: float | None  # mean of the training step's logged throughput (all devices)
     hours: float | None  # wall-clock of the pre-training's attempts (None: a reference row)
+    # each trained protocol's late gain (`eval.curve.late_gain`; None: too few validated epochs or not recorded)
+    late_gains: dict[str, float | None] = field(default_factory=dict)
+    loss: LossFall | None = None  # the pre-training loss curve (None: a reference row, or too few logged steps)
+    gated: bool = False  # a small preset: a trained protocol's top-1 counts only once its curve has plateaued
+
+    def converged(self, protocol: str) -> bool:
+        """Whether this run's top-1 of `protocol` may be published: always, but for a trained protocol at a gated
+        preset whose curve has not plateaued."""
+        trained = TRAINED_PROTOCOLS.get(protocol)
+        return not (self.gated and trained is not None and protocol in self.top1
+                    and not plateaued(self.late_gains.get(trained)))
 
     def metrics(self) -> dict[str, float]:
         values = {f"reproduce/{protocol}_top1" if is_accuracy(protocol) else f"reproduce/{protocol}": value
@@ -92,14 +109,20 @@ class RowResult:
     def values(self, protocol: str) -> list[float]:
         return [result.top1[protocol] for result in self.seeds if protocol in result.top1]
 
+    def converged(self, protocol: str) -> bool:
+        return all(result.converged(protocol) for result in self.seeds)
+
     def summary(self, protocol: str) -> Summary:
-        return summarize(self.values(protocol))
+        """Mean, std and n over the seeds; none at all when a seed's curve has not plateaued (`converged`)."""
+        return summarize(self.values(protocol) if self.converged(protocol) else [])
 
     def top1_of(self, protocol: str) -> Summary | str:
-        """The row's top-1 over its seeds, or why there is none: "not run" by this preset, "missing" from
-        results.csv."""
+        """The row's top-1 over its seeds, or why there is none: "not run" by this preset, "not converged" (a
+        seed's curve still rising at a small preset), "missing" from results.csv."""
         if protocol not in self.run.protocols:
             return "not run"
+        if not self.converged(protocol):
+            return NOT_CONVERGED
         summary = self.summary(protocol)
         return summary if summary.n else "missing"
 
@@ -125,18 +148,24 @@ def mean_scalar(run_dir: Path, tag: str) -> float | None:
 
 
 def collect(plan: Plan, state: State) -> list[RunResult]:
-    """Each run's latest evaluate row per protocol (a rerun appends newer rows), throughput and hours."""
+    """Each run's latest evaluate row per protocol (a rerun appends newer rows), its trained protocols' late gains,
+    throughput, loss curve and hours."""
     with (plan.store / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     results = []
     for run in plan.runs:
         name = run.results_name
-        top1 = {row["protocol"]: float(row["top1"]) for row in rows if row["run"] == name}
+        latest = {row["protocol"]: row for row in rows if row["run"] == name}
+        top1 = {protocol: float(row["top1"]) for protocol, row in latest.items()}
         top1 |= transfer_top1(plan.store, name) | analysis_values(run.analysis_dir)
+        gains = {protocol: float(row["late_gain"]) if row.get("late_gain") else None
+                 for protocol, row in latest.items() if protocol in ("linear", "finetune")}
         pretrained = run.reference is None
         results.append(RunResult(run, {protocol: top1[protocol] for protocol in run.protocols if protocol in top1},
                                  mean_scalar(run.run_dir, THROUGHPUT_TAG) if pretrained else None,
-                                 state.seconds(run.pretrain) / 3600 if pretrained else None))
+                                 state.seconds(run.pretrain) / 3600 if pretrained else None, gains,
+                                 loss_fall(loss_points(run.run_dir)) if pretrained else None,
+                                 plan.setup.preset in GATED_PRESETS))
     return results
 
 

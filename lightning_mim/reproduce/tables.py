@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from lightning_mim.reproduce.convergence import convergence_markdown, convergence_records
 from lightning_mim.reproduce.hparams import remove_experiment_summaries, run_hparams, write_session
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.plot import plot_analysis, plot_compare
@@ -112,11 +113,13 @@ def write_tables(plan: Plan, rows: list[RowResult], with_paper: bool) -> Path:
     and table.json; returns the Markdown path."""
     header, lines = table_lines(plan, rows, with_paper)
     verdicts = verdict_records(plan, rows)
+    curves = convergence_records(rows)
     plan.out.mkdir(parents=True, exist_ok=True)
     title = f"# {plan.title}: PRESET={plan.setup.preset}\n\n" + "".join(f"{note}\n" for note in plan.notes) + "\n"
-    section = verdicts_markdown(verdicts)
+    sections = [section for section in (verdicts_markdown(verdicts), convergence_markdown(curves, plan.setup.preset))
+                if section]
     table = plan.out / "table.md"
-    table.write_text(title + markdown(header, lines) + (f"\n{section}" if section else ""))
+    table.write_text(title + markdown(header, lines) + "".join(f"\n{section}" for section in sections))
     records = table_records(plan, rows, with_paper)
     with (plan.out / "table.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(records[0]))
@@ -124,7 +127,8 @@ def write_tables(plan: Plan, rows: list[RowResult], with_paper: bool) -> Path:
         writer.writerows({name: " ".join(map(str, value)) if isinstance(value, list) else value
                           for name, value in record.items()} for record in records)
     (plan.out / "table.json").write_text(json.dumps({"title": plan.title, "preset": plan.setup.preset,
-                                                     "notes": plan.notes, "rows": records, "verdicts": verdicts},
+                                                     "notes": plan.notes, "rows": records, "verdicts": verdicts,
+                                                     "convergence": curves},
                                                     indent=1) + "\n")
     return table
 

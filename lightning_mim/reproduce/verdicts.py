@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_mim.reproduce.convergence import NOT_CONVERGED
 from lightning_mim.reproduce.papers import PAPERS, Row
 from lightning_mim.reproduce.plan import Plan
 from lightning_mim.reproduce.results import RowResult, is_accuracy, protocol_name
@@ -72,7 +73,7 @@ def claims_of(plan: Plan) -> list[tuple[Claim, str, str]]:
 def side(row: RowResult | None, protocol: str) -> Summary | str:
     if row is None or protocol not in row.run.protocols:
         return NOT_RUN
-    return row.summary(protocol)
+    return row.summary(protocol) if row.converged(protocol) else NOT_CONVERGED
 
 
 def pretraining_claims(rows: list[RowResult]) -> list[tuple[str, str, str]]:
@@ -101,7 +102,8 @@ def verdict_records(plan: Plan, rows: list[RowResult]) -> list[dict[str, Any]]:
                 numbers = summary if isinstance(summary, Summary) else Summary(None, None, 0)
                 record |= {f"{name}_mean": numbers.mean, f"{name}_std": numbers.std, f"{name}_n": numbers.n}
             if isinstance(better, str) or isinstance(worse, str):
-                record |= {"difference": None, "two_se": None, "verdict": NOT_RUN}
+                reason = better if isinstance(better, str) else worse
+                record |= {"difference": None, "two_se": None, "verdict": reason}
             else:
                 verdict = judge(better, worse)
                 record |= {"difference": verdict.difference, "two_se": verdict.noise, "verdict": verdict.verdict}
@@ -120,7 +122,8 @@ def verdicts_markdown(records: list[dict[str, Any]]) -> str:
              "reversed) when the first row's mean top-1 exceeds the second's (or falls below it) by at least twice "
              "the pooled standard error 2 SE = 2 sqrt(s1^2/n1 + s2^2/n2); within noise when the difference is "
              "smaller; with n = 1 on either side there is no spread, so no verdict (SEEDS=N runs N seeds); "
-             f"{NO_RESULT}: a run without that result; {NOT_RUN}: a row or protocol this table does not run.", "",
+             f"{NO_RESULT}: a run without that result; {NOT_RUN}: a row or protocol this table does not run; "
+             f"{NOT_CONVERGED}: a seed's validation curve still rising (see Convergence).", "",
              "| claim | rows | protocol | first: mean ± std (n) | second: mean ± std (n) | difference | 2 SE | "
              "verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for record in records:

@@ -1,0 +1,93 @@
+"""Whether the tables' runs were trained to a plateau: the pre-training loss fall of the last fifth of the steps, and
+at the small presets no fine-tuning cell (nor verdict) from a validation curve still rising; all from hand-made
+curves and results (no training)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_mim.reproduce.convergence import LossFall, loss_fall, plateaued
+from lightning_mim.reproduce.papers import PAPERS
+from lightning_mim.reproduce.planning import plan_paper
+from lightning_mim.reproduce.presets import Setup
+from lightning_mim.reproduce.results import RunResult, by_row
+from lightning_mim.reproduce.tables import write_tables
+
+
+def first_table(text: str) -> dict[str, dict[str, str]]:
+    lines = text.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("|"))
+    end = next((index for index in range(start, len(lines)) if not lines[index].startswith("|")), len(lines))
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[start:end]
+            if not line.startswith("| ---")]
+    return {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+
+
+def test_loss_fall_measures_the_share_of_the_fall_in_the_last_fifth():
+    # 100 steps: 1.0 in the first tenth, 0.5 at 70-80 %, 0.45 in the last tenth: (0.5 - 0.45) / (1 - 0.45) = 9.1 %
+    points = [(step, 1.0 if step <= 10 else 0.5 if 70 < step <= 80 else 0.45 if step > 90 else 0.6)
+              for step in range(0, 101, 5)]
+    fall = loss_fall(points)
+    assert (fall.start, fall.end) == (pytest.approx(1.0), pytest.approx(0.45))
+    assert fall.late_share == pytest.approx(0.05 / 0.55) and not fall.flat
+    flat = loss_fall([(step, 1.0 if step <= 10 else 0.46 if 70 < step <= 80 else 0.45 if step > 90 else 0.6)
+                      for step in range(0, 101, 5)])
+    assert flat.late_share == pytest.approx(0.01 / 0.55) and flat.flat
+    rising = loss_fall([(step, 0.1 * step) for step in range(0, 101, 5)])
+    assert rising.late_share is None and not rising.flat  # a loss that did not fall is not flat
+    assert loss_fall([(0, 1.0), (100, 0.5)]) is None  # empty windows: too few logged steps
+    assert loss_fall([]) is None
+    assert plateaued(0.99) and not plateaued(1.0) and not plateaued(None)
+
+
+def gpu_results(plan, finetune_gains: dict[str, list[float | None]]):
+    """Three seeds of MAE and LUT: k-NN MAE 70/72/74 and LUT 75/76/77 (LUT > MAE holds), fine-tuning MAE 88/89/90
+    and LUT 91/91.5/92 with the given late gains, each pre-training loss 0.8 -> 0.4 with 2 % of its fall late."""
+    top1 = {"mae": {"knn": [70, 72, 74], "finetune": [88, 89, 90]},
+            "lut": {"knn": [75, 76, 77], "finetune": [91, 91.5, 92]}}
+    made = []
+    for run in plan.runs:
+        values = {protocol: seeds[run.seed] for protocol, seeds in top1.get(run.key, {}).items()}
+        gains = {"finetune": finetune_gains[run.key][run.seed]} if run.key in finetune_gains else {}
+        loss = LossFall(0.8, 0.4, 0.02) if run.reference is None else None
+        made.append(RunResult(run, values, 100.0, 0.5, gains, loss, plan.setup.preset != "paper"))
+    return by_row(made)
+
+
+def test_small_presets_withhold_a_fine_tuning_cell_whose_curve_still_rises(tmp_path):
+    plan = plan_paper(PAPERS["lut"], Setup("gpu"), tmp_path, seeds=3)
+    # MAE's third seed gained 1.5 points in its last quarter of epochs: its row's fine-tuning is not published
+    rows = gpu_results(plan, {"mae": [0.2, 0.3, 1.5], "lut": [0.1, -0.2, 0.4]})
+    table = write_tables(plan, rows, with_paper=True).read_text()
+    cells = first_table(table)
+    assert cells["mae"]["fine-tune top-1"] == "not converged" and cells["mae"]["fine-tune n"] == "0"
+    assert (cells["lut"]["fine-tune top-1"], cells["lut"]["fine-tune n"]) == ("91.50", "3")
+    assert cells["mae"]["k-NN top-1"] == "72.00"  # the frozen-feature protocols have no epochs to gate
+    saved = json.loads((plan.out / "table.json").read_text())
+    verdicts = {record["protocol"]: record["verdict"] for record in saved["verdicts"] if record["claim"] == "LUT > MAE"}
+    assert verdicts["knn"] == "holds" and verdicts["finetune"] == "not converged"
+    (mae_finetune,) = [record for record in saved["rows"] if (record["row"], record["protocol"], record[
+        "paper_backbone"]) == ("mae", "finetune", "ViT-B/16")]
+    assert mae_finetune["top1"] == "not converged" and mae_finetune["top1_seeds"] == [88, 89, 90]
+    curves = {(record["row"], record["seed"]): record for record in saved["convergence"]}
+    assert curves[("mae", 2)]["finetune_late_gain"] == 1.5 and curves[("mae", 2)]["finetune_plateau"] is False
+    assert curves[("lut", 1)]["finetune_plateau"] is True and curves[("lut", 1)]["loss_flat"] is True
+    assert "## Convergence" in table and "| mae | 2 | 0.8 -> 0.4 | 2.0% (flat) | +1.50 (still rising) |" in table
+
+    # every seed on its plateau: the cell and the verdict are back
+    rows = gpu_results(plan, {"mae": [0.2, 0.3, 0.5], "lut": [0.1, -0.2, 0.4]})
+    cells = first_table(write_tables(plan, rows, with_paper=True).read_text())
+    assert (cells["mae"]["fine-tune top-1"], cells["mae"]["fine-tune std"]) == ("89.00", "1.00")
+    saved = json.loads((plan.out / "table.json").read_text())
+    verdicts = {record["protocol"]: record["verdict"] for record in saved["verdicts"] if record["claim"] == "LUT > MAE"}
+    assert verdicts["finetune"] == "holds"  # +2.5 against 2 SE = 2 sqrt(1/3 + 0.25/3) = 1.29
+
+
+def test_paper_scale_reports_the_curves_without_gating_the_recipes_cells(tmp_path):
+    plan = plan_paper(PAPERS["lut"], Setup("paper", "/data/imagenet"), tmp_path, rows=["mae_vit_b16", "lut_vit_b16"])
+    made = [RunResult(run, {"finetune": 83.0}, 100.0, 0.5, {"finetune": 2.0}, None, False) for run in plan.runs
+            if run.reference is None]
+    table = write_tables(plan, by_row(made), with_paper=True).read_text()
+    assert first_table(table)["mae_vit_b16"]["fine-tune top-1"] == "83.00"  # the paper's epochs, whatever the curve
+    assert "At paper scale the paper's recipe fixes the epochs" in table and "+2.00 (still rising)" in table
