@@ -13,15 +13,7 @@ from lightning_mim.reproduce.planning import plan_paper
 from lightning_mim.reproduce.presets import Setup
 from lightning_mim.reproduce.results import RunResult, by_row
 from lightning_mim.reproduce.tables import write_tables
-
-
-def first_table(text: str) -> dict[str, dict[str, str]]:
-    lines = text.splitlines()
-    start = next(index for index, line in enumerate(lines) if line.startswith("|"))
-    end = next((index for index in range(start, len(lines)) if not lines[index].startswith("|")), len(lines))
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[start:end]
-            if not line.startswith("| ---")]
-    return {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+from test_reproduce import table_cells as first_table
 
 
 def test_loss_fall_measures_the_share_of_the_fall_in_the_last_fifth():
