@@ -128,4 +128,4 @@ def test_gpu_dry_run_through_the_driver_runs_three_seeds_and_the_supervised_refe
         "/config.yaml")
     assert value_after(supervised, "--protocols") == "finetune,robustness" and value_after(supervised, "--seed") == "1"
     assert "--adapt-images" in supervised and value_after(supervised, "--accelerator") == "gpu"
-    assert any(line.startswith("# PRESET=gpu:") and "not yet checked on a GPU" in line for line in lines)
+    assert any(line.startswith("# PRESET=gpu:") and "curve reached its plateau (Convergence)" in line for line in lines)

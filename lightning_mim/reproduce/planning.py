@@ -228,14 +228,15 @@ def preset_note(setup: Setup) -> str:
         note = (f"PRESET=paper: ImageNet-1k at {setup.data}, {setup.gpus} GPUs x {setup.nodes} nodes, each row at "
                 f"its paper's effective batch.")
     else:
+        gpu_data = f"DATA={setup.data} (read as grey images)" if setup.data else "Fashion-MNIST"
         scale = {"smoke": "PRESET=smoke: synthetic images, 6 steps; a test of the pipeline",
                  "demo": f"PRESET=demo: Fashion-MNIST at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, "
                          f"4 deep, patch 4), each method's demo recipe for {setup.demo_steps} steps of batch 256 on "
                          f"the CPU",
-                 "gpu": f"PRESET=gpu: {'DATA=' + setup.data + ' (read as grey images)' if setup.data else 'Fashion-MNIST'}"
-                        f" at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, 4 deep, patch 4), each "
-                        f"method's demo recipe for {setup.demo_steps} steps of batch 256 on one GPU (bf16); "
-                        f"fine-tuning: the small-scale recipe; budgets are estimates, not yet checked on a GPU"}[
+                 "gpu": f"PRESET=gpu: {gpu_data} at {DEMO_IMG_SIZE} x {DEMO_IMG_SIZE} px, micro ViT (128 wide, 4 "
+                        f"deep, patch 4), each method's demo recipe for {setup.demo_steps} steps of batch 256 on one "
+                        f"GPU (bf16); fine-tuning: the small-scale recipe, its column shown only where every seed's "
+                        f"curve reached its plateau (Convergence)"}[
             setup.preset]
         note = f"{scale}. These are NOT paper numbers and are not comparable with the paper's ImageNet-1k numbers."
     for name, words in (("FIT_ARGS", setup.fit_args), ("EVAL_ARGS", setup.eval_args)):
