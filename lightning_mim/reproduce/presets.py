@@ -57,11 +57,11 @@ SMALL_FINETUNE = "configs/eval/finetune_demo_fmnist.yaml"
 
 # PRESET=gpu: the demo recipes (micro ViT, 32 px, one channel) on one GPU in bf16 (configs/trainer/gpu.yaml), three
 # seeds. Not yet run on a GPU (none was available). The pre-training budget is measured on the CPU (docs/results.md,
-# "The pre-training budget"): at the demo's 300 steps the losses still fall steeply, at 3,000 (13 epochs of
-# Fashion-MNIST) MAE's has flattened (under 4 % of its fall in the last fifth of the steps, two seeds) and its k-NN /
-# logistic-regression top-1 rose from 70.95 / 81.04 to 81.77 / 85.37. The fine-tuning's 30 epochs of 60,000 images are
-# an estimate (the CPU managed 2 epochs of a 5,120-image subset, still rising steeply): the tables withhold a
-# fine-tuning column whose curve still rises (reproduce.convergence).
+# "The pre-training budget"): at the demo's 300 steps the losses still fall steeply; at 3,000 (13 epochs of
+# Fashion-MNIST) MAE's has flattened (under 4 % of its fall in the last fifth of the steps, three seeds; SimMIM's too,
+# one seed) and MAE's k-NN / logistic-regression top-1 rose from 70.95 / 81.04 to 81.69 / 85.46. The fine-tuning's
+# 30 epochs of 60,000 images are an estimate (the CPU managed 2 epochs of a 5,120-image subset, still rising
+# steeply): the tables withhold a fine-tuning column whose curve still rises (reproduce.convergence).
 GPU_STEPS = 3000
 GPU_FINETUNE_EPOCHS = 30
 GPU_SEEDS = 3
