@@ -19,7 +19,7 @@ from test_reproduce_verdicts import cells
 from lightning_mim.cli import main as cli_main
 from lightning_mim.data import MIMDataModule
 from lightning_mim.eval.evaluate import CONFIG_DIR, main as evaluate
-from lightning_mim.reproduce import plan as plan_module, results as results_module
+from lightning_mim.reproduce import plan as plan_module
 from lightning_mim.reproduce.driver import main as reproduce, plan_paper
 from lightning_mim.reproduce.papers import PAPERS
 from lightning_mim.reproduce.presets import ReproduceError, Setup
@@ -160,9 +160,8 @@ def test_dry_run_prints_the_transfer_commands_and_make_passes_transfer_data(caps
 
 
 def test_transfer_columns_beside_maes_reported_numbers(tmp_path, monkeypatch):
-    # no checkpoints nor TensorBoard runs here: a run's name is its checkpoint path, no throughput logged
+    # no checkpoints nor TensorBoard runs here: a run's name is its checkpoint path
     monkeypatch.setattr(plan_module, "run_name", str)
-    monkeypatch.setattr(results_module, "mean_scalar", lambda run_dir, tag: None)
     plan = plan_paper(PAPERS["lut"], Setup("paper", "/data/imagenet"), tmp_path, rows=["mae_vit_b16", "lut_vit_b16"])
     add_transfer(plan, parse_transfer_data(TRANSFER))
     mae, lut = (str(run.checkpoint) for run in plan.runs if not run.reference)
@@ -192,7 +191,6 @@ SHIFT = "imagenet-a=/data/imagenet-a,imagenet-r=/data/imagenet-r"
 
 def test_shift_data_scores_the_fine_tuned_rows_beside_maes_reported_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plan_module, "run_name", str)
-    monkeypatch.setattr(results_module, "mean_scalar", lambda run_dir, tag: None)
     setup = Setup("paper", "/data/imagenet", shift=parse_transfer_data(SHIFT, "SHIFT_DATA"))
     plan = plan_paper(PAPERS["lut"], setup, tmp_path, rows=["mae_vit_b16"])
     plain = plan_paper(PAPERS["lut"], Setup("paper", "/data/imagenet"), tmp_path, rows=["mae_vit_b16"])

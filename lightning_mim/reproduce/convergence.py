@@ -61,18 +61,17 @@ def loss_fall(points: list[tuple[int, float]]) -> LossFall | None:
     return LossFall(start, end, share)
 
 
-def loss_points(run_dir: Path) -> list[tuple[int, float]]:
-    """The (step, value) points of a pre-training's `train/loss` in its TensorBoard run (none when not logged)."""
+def logged_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of a TensorBoard run as (step, value) points in step order, read once (none when the run
+    folder does not exist); a resumed run re-logs some steps, and the latest value of a step wins."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not run_dir.is_dir():
-        return []
+        return {}
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    if LOSS_TAG not in events.Tags()["scalars"]:
-        return []
-    latest = {event.step: event.value for event in events.Scalars(LOSS_TAG)}  # a resumed run re-logs some steps
-    return sorted(latest.items())
+    return {tag: sorted({event.step: event.value for event in events.Scalars(tag)}.items())
+            for tag in events.Tags()["scalars"]}
 
 
 def plateaued(gain: float | None) -> bool:
@@ -137,5 +136,5 @@ def convergence_markdown(records: list[dict[str, Any]], preset: str) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-__all__ = ["FLAT_SHARE", "GATED_PRESETS", "NOT_CONVERGED", "PLATEAU_POINTS", "LossFall", "convergence_markdown",
-           "convergence_note", "convergence_records", "loss_fall", "loss_points", "plateaued"]
+__all__ = ["FLAT_SHARE", "GATED_PRESETS", "LOSS_TAG", "NOT_CONVERGED", "PLATEAU_POINTS", "LossFall",
+           "convergence_markdown", "convergence_note", "convergence_records", "logged_scalars", "loss_fall", "plateaued"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_mim.reproduce.convergence import (
-    GATED_PRESETS, NOT_CONVERGED, LossFall, loss_fall, loss_points, plateaued,
+    GATED_PRESETS, LOSS_TAG, NOT_CONVERGED, LossFall, logged_scalars, loss_fall, plateaued,
 )
 from lightning_mim.reproduce.plan import Plan, PlannedRun
 from lightning_mim.reproduce.state import State
@@ -137,16 +137,6 @@ class RowResult:
         return statistics.fmean(logged) if logged else None
 
 
-def mean_scalar(run_dir: Path, tag: str) -> float | None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return None
-    return statistics.fmean(event.value for event in events.Scalars(tag))
-
-
 def collect(plan: Plan, state: State) -> list[RunResult]:
     """Each run's latest evaluate row per protocol (a rerun appends newer rows), its trained protocols' late gains,
     throughput, loss curve and hours."""
@@ -161,10 +151,12 @@ def collect(plan: Plan, state: State) -> list[RunResult]:
         gains = {protocol: float(row["late_gain"]) if row.get("late_gain") else None
                  for protocol, row in latest.items() if protocol in ("linear", "finetune")}
         pretrained = run.reference is None
+        scalars = logged_scalars(run.run_dir) if pretrained else {}
+        throughput = [value for _, value in scalars.get(THROUGHPUT_TAG, [])]
         results.append(RunResult(run, {protocol: top1[protocol] for protocol in run.protocols if protocol in top1},
-                                 mean_scalar(run.run_dir, THROUGHPUT_TAG) if pretrained else None,
+                                 statistics.fmean(throughput) if throughput else None,
                                  state.seconds(run.pretrain) / 3600 if pretrained else None, gains,
-                                 loss_fall(loss_points(run.run_dir)) if pretrained else None,
+                                 loss_fall(scalars.get(LOSS_TAG, [])) if pretrained else None,
                                  plan.setup.preset in GATED_PRESETS))
     return results
 
