@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lightning_mim.reproduce.convergence import LossFall, loss_fall, plateaued
+from lightning_mim.reproduce.convergence import LossFall, logged_scalars, loss_fall, plateaued
 from lightning_mim.reproduce.papers import PAPERS
 from lightning_mim.reproduce.planning import plan_paper
 from lightning_mim.reproduce.presets import Setup
@@ -31,6 +31,20 @@ def test_loss_fall_measures_the_share_of_the_fall_in_the_last_fifth():
     assert loss_fall([(0, 1.0), (100, 0.5)]) is None  # empty windows: too few logged steps
     assert loss_fall([]) is None
     assert plateaued(0.99) and not plateaued(1.0) and not plateaued(None)
+
+
+def test_logged_scalars_reads_every_tag_once_and_a_resumed_runs_latest_value(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        for step, loss in ((0, 0.9), (50, 0.7), (100, 0.6)):
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/throughput_img_s", 100.0 + step, step)
+        writer.add_scalar("train/loss", 0.65, 100)  # a resumed run logs step 100 again
+    scalars = logged_scalars(tmp_path / "run")
+    assert scalars["train/loss"] == [(0, pytest.approx(0.9)), (50, pytest.approx(0.7)), (100, pytest.approx(0.65))]
+    assert [value for _, value in scalars["train/throughput_img_s"]] == [100.0, 150.0, 200.0]
+    assert logged_scalars(tmp_path / "missing") == {}
 
 
 def gpu_results(plan, finetune_gains: dict[str, list[float | None]]):
