@@ -97,3 +97,32 @@ def test_paper_scale_reports_the_curves_without_gating_the_recipes_cells(tmp_pat
     table = write_tables(plan, by_row(made), with_paper=True).read_text()
     assert first_table(table)["mae_vit_b16"]["fine-tune top-1"] == "83.00"  # the paper's epochs, whatever the curve
     assert "At paper scale the paper's recipe fixes the epochs" in table and "+2.00 (still rising)" in table
+
+
+def test_the_random_init_row_does_not_take_the_supervised_rows_curve(tmp_path, monkeypatch):
+    # both rows score `random:<the run's config.yaml>`, so their results.csv rows share a name
+    import csv
+
+    from lightning_mim.reproduce import plan as plan_module
+    from lightning_mim.reproduce.planning import plan_compare
+    from lightning_mim.reproduce.results import collect
+    from lightning_mim.reproduce.state import State
+
+    monkeypatch.setattr(plan_module, "run_name", str)  # no checkpoint here: a run's name is its path
+    plan = plan_compare(Setup("gpu"), tmp_path, ["mae"])
+    runs = {run.key: run for run in plan.runs}
+    random_name = runs["supervised_mae"].results_name
+    assert random_name == runs["mae_random_init"].results_name
+    plan.store.mkdir(parents=True, exist_ok=True)
+    with (plan.store / "results.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "protocol", "top1", "late_gain"])
+        writer.writerows([(random_name, "knn", "60.0", ""), (random_name, "logreg", "70.0", ""),
+                          (random_name, "finetune", "80.0", "2.5")])
+    state = State(plan.store / "state.json")
+    state.start(runs["mae"].pretrain)
+    state.finish(runs["mae"].pretrain, "done", 60.0)
+    results = {result.run.key: result for result in collect(plan, state)}
+    assert results["supervised_mae"].late_gains == {"finetune": 2.5}
+    assert results["mae_random_init"].late_gains == {}
+    assert results["mae_random_init"].top1 == {"knn": 60.0, "logreg": 70.0}

@@ -148,8 +148,9 @@ def collect(plan: Plan, state: State) -> list[RunResult]:
         latest = {row["protocol"]: row for row in rows if row["run"] == name}
         top1 = {protocol: float(row["top1"]) for protocol, row in latest.items()}
         top1 |= transfer_top1(plan.store, name) | analysis_values(run.analysis_dir)
-        gains = {protocol: float(row["late_gain"]) if row.get("late_gain") else None
-                 for protocol, row in latest.items() if protocol in ("linear", "finetune")}
+        # the random-init and supervised rows share a `random:` name: each takes the curves of its own protocols
+        gains = {protocol: float(row["late_gain"]) if row.get("late_gain") else None for protocol, row in latest.items()
+                 if protocol in ("linear", "finetune") and protocol in run.protocols}
         pretrained = run.reference is None
         scalars = logged_scalars(run.run_dir) if pretrained else {}
         throughput = [value for _, value in scalars.get(THROUGHPUT_TAG, [])]
